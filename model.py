@@ -1,0 +1,730 @@
+"""
+One GPT module for three families of decoder-only transformers, chosen by GPTConfig switches:
+
+- GPT-2:   learned positions, LayerNorm, GELU MLP, fused biased qkv, tied head.
+- Gemma 3: RMSNorm(1+w), sandwich norms, q/k norm, gated GELU, sliding/full layers with two RoPE bases, MQA.
+- GPT-OSS: RMSNorm, mixture of experts (top-k, clamped SwiGLU), attention sinks, YaRN RoPE, sliding/full, GQA.
+
+Every switch lives in GPTConfig; grep a field's name to see the one place it is used.
+Hugging Face import/export lives in hf.py; the KV-cache generator lives at the end of this file.
+"""
+
+import difflib
+import functools
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    # sizes (0 means "derive the usual value", so every field stays a plain int/float/str/bool)
+    vocab_size: int = 50304
+    block_size: int = 1024        # longest sequence the model is built for
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = 0            # 0: n_head (multi-head); 1: multi-query; else grouped-query
+    n_embd: int = 768
+    head_dim: int = 0             # 0: n_embd // n_head (Gemma and GPT-OSS set it independently)
+    mlp_hidden: int = 0           # 0: 4 * n_embd; with experts, the width of each expert
+    dropout: float = 0.0
+    # normalisation
+    norm: str = "layernorm"       # "layernorm" | "rmsnorm" (computed in float32)
+    norm_eps: float = 1e-5
+    norm_bias: bool = True        # LayerNorm bias
+    norm_unit_offset: bool = False  # RMSNorm scales by (1 + w), w stored as an offset from 1 (Gemma)
+    sandwich_norm: bool = False   # also normalise the attention/MLP outputs before the residual add (Gemma)
+    qk_norm: bool = False         # RMSNorm over head_dim on q and k before RoPE (Gemma)
+    # positions
+    pos_emb: str = "learned"      # "learned" absolute table (GPT-2) | "rope" (rotate-half)
+    rope_theta: float = 10000.0   # RoPE base of full-attention layers
+    rope_local_theta: float = 0.0  # RoPE base of sliding layers; 0: rope_theta (Gemma: 1e4 vs 1e6)
+    yarn_factor: float = 1.0      # YaRN context extension of the full-layer base; 1: off (GPT-OSS: 32)
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_original_ctx: int = 4096
+    yarn_truncate: bool = False
+    # attention
+    attn_pattern: str = "F"       # layer kinds, repeated over depth: F full causal, S sliding window
+    sliding_window: int = 0       # S layers: a query sees itself and the sliding_window - 1 keys before it
+    attn_scale_dim: int = 0       # scores scaled by attn_scale_dim ** -0.5; 0: head_dim (Gemma: query_pre_attn_scalar)
+    attn_sinks: bool = False      # a learned logit per head joins every softmax row, with no value (GPT-OSS)
+    qkv_bias: bool = True
+    attn_out_bias: bool = True
+    # MLP
+    mlp: str = "gelu"             # "gelu": fc-gelu-proj | "geglu": gated GELU (Gemma) | "swiglu": clamped SwiGLU (GPT-OSS)
+    mlp_bias: bool = True         # also the per-expert biases
+    swiglu_limit: float = 7.0
+    n_expert: int = 0             # > 0: mixture of experts, each a clamped SwiGLU MLP (GPT-OSS)
+    n_expert_active: int = 0      # experts per token (top-k)
+    router_bias: bool = False
+    moe_aux_loss_weight: float = 0.01  # Switch-style load-balancing loss added to the LM loss in training
+    # embeddings and head
+    embed_scale: bool = False     # multiply token embeddings by sqrt(n_embd), rounded to the weight dtype (Gemma)
+    tie_embeddings: bool = True
+    logit_softcap: float = 0.0    # tanh(logits / c) * c; 0: off
+
+    def __post_init__(self):
+        assert self.norm in ("layernorm", "rmsnorm"), f"norm must be layernorm or rmsnorm, got {self.norm!r}"
+        assert self.pos_emb in ("learned", "rope"), f"pos_emb must be learned or rope, got {self.pos_emb!r}"
+        assert self.mlp in ("gelu", "geglu", "swiglu"), f"mlp must be gelu, geglu or swiglu, got {self.mlp!r}"
+        assert self.attn_pattern and set(self.attn_pattern) <= {"F", "S"}, "attn_pattern is a string of F and S"
+        assert "S" not in self.attn_pattern or self.sliding_window > 0, "sliding layers need sliding_window > 0"
+        assert self.n_head % self.kv_heads == 0, "n_head must be a multiple of n_kv_head"
+        assert self.n_expert == 0 or 0 < self.n_expert_active <= self.n_expert, "need 0 < n_expert_active <= n_expert"
+        assert self.n_expert == 0 or self.mlp == "swiglu", "experts are clamped-SwiGLU MLPs (mlp='swiglu')"
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hd(self):
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def hidden(self):
+        return self.mlp_hidden or 4 * self.n_embd
+
+    def layer_kind(self, i):
+        return self.attn_pattern[i % len(self.attn_pattern)]
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig field(s) {unknown}: checkpoint from a newer nanoforge?")
+        return cls(**d)
+
+    @staticmethod
+    def presets():
+        return list(PRESETS)
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        if name not in PRESETS:
+            close = difflib.get_close_matches(name, PRESETS, n=3)
+            hint = f" (did you mean: {', '.join(close)}?)" if close else f" (known: {', '.join(PRESETS)})"
+            raise ValueError(f"unknown preset {name!r}{hint}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+_GPT2 = dict(vocab_size=50257, block_size=1024)
+_GEMMA3 = dict(norm="rmsnorm", norm_eps=1e-6, norm_unit_offset=True, sandwich_norm=True, qk_norm=True,
+               pos_emb="rope", rope_theta=1e6, rope_local_theta=1e4, attn_pattern="SSSSSF", qkv_bias=False,
+               attn_out_bias=False, mlp="geglu", mlp_bias=False, embed_scale=True)
+_GPT_OSS = dict(norm="rmsnorm", norm_eps=1e-5, pos_emb="rope", attn_pattern="SF", attn_sinks=True, mlp="swiglu",
+                mlp_bias=True, swiglu_limit=7.0, tie_embeddings=False)
+PRESETS = {
+    "gpt2": dict(_GPT2, n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(_GPT2, n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(_GPT2, n_layer=48, n_head=25, n_embd=1600),
+    # the small GPT-2 of the original from-scratch scripts: 49,434,624 parameters
+    "gpt2-compact": dict(vocab_size=50257, block_size=512, n_layer=6, n_head=6, n_embd=384, qkv_bias=False,
+                         tie_embeddings=False, dropout=0.1),
+    "gemma3-270m": dict(_GEMMA3, vocab_size=262144, block_size=32768, n_layer=18, n_head=4, n_kv_head=1,
+                        n_embd=640, head_dim=256, mlp_hidden=2048, sliding_window=512, attn_scale_dim=256),
+    # the scaled-down Gemma 3 of the original training scripts (GPT-2 tokenizer): 164,654,976 parameters
+    "gemma3-compact": dict(_GEMMA3, vocab_size=50257, block_size=32768, n_layer=18, n_head=4, n_kv_head=1,
+                           n_embd=640, head_dim=256, mlp_hidden=2048, sliding_window=512, attn_scale_dim=256,
+                           tie_embeddings=False),
+    "gpt-oss-20b": dict(_GPT_OSS, vocab_size=201088, block_size=131072, n_layer=24, n_head=64, n_kv_head=8,
+                        n_embd=2880, head_dim=64, mlp_hidden=2880, sliding_window=128, rope_theta=150000.0,
+                        yarn_factor=32.0, yarn_original_ctx=4096, n_expert=32, n_expert_active=4, router_bias=True),
+    "gpt-oss-120b": dict(_GPT_OSS, vocab_size=201088, block_size=131072, n_layer=36, n_head=64, n_kv_head=8,
+                         n_embd=2880, head_dim=64, mlp_hidden=2880, sliding_window=128, rope_theta=150000.0,
+                         yarn_factor=32.0, yarn_original_ctx=4096, n_expert=128, n_expert_active=4, router_bias=True),
+    # the original compact GPT-OSS recipe: 1,442,041,488 parameters; trained at 1024, YaRN-extended to 4096
+    "gpt-oss-compact": dict(_GPT_OSS, vocab_size=32000, block_size=4096, n_layer=6, n_head=24, n_kv_head=4,
+                            n_embd=1536, head_dim=64, mlp_hidden=3072, sliding_window=256, rope_theta=10000.0,
+                            yarn_factor=4.0, yarn_original_ctx=1024, n_expert=16, n_expert_active=4,
+                            qkv_bias=False, attn_out_bias=False, router_bias=False, tie_embeddings=True),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# building blocks
+
+
+class Norm(nn.Module):
+    """LayerNorm, or RMSNorm in float32 with weight w (GPT-OSS) or 1 + w (Gemma)."""
+
+    def __init__(self, dim, config):
+        super().__init__()
+        self.kind, self.eps, self.unit_offset = config.norm, config.norm_eps, config.norm_unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if self.unit_offset else torch.ones(dim))
+        has_bias = self.kind == "layernorm" and config.norm_bias
+        self.bias = nn.Parameter(torch.zeros(dim)) if has_bias else None
+
+    def forward(self, x):
+        if self.kind == "layernorm":
+            return F.layer_norm(x, (x.size(-1),), self.weight, self.bias, self.eps)
+        weight = self.weight.float() + 1.0 if self.unit_offset else self.weight.float()
+        return F.rms_norm(x.float(), (x.size(-1),), weight, self.eps).to(x.dtype)
+
+
+def rope_inv_freq(config, theta, yarn):
+    """Inverse frequencies of rotate-half RoPE and the cos/sin scale; YaRN blends interpolated and original ones."""
+    d = config.hd
+    pos_freq = theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    if not yarn or config.yarn_factor == 1.0:
+        return 1.0 / pos_freq, 1.0
+
+    def correction_dim(rotations):  # the frequency index that turns `rotations` times over the original context
+        return d * math.log(config.yarn_original_ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(config.yarn_beta_fast), correction_dim(config.yarn_beta_slow)
+    if config.yarn_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    high = high + 0.001 if low == high else high
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq = ramp / (config.yarn_factor * pos_freq) + (1 - ramp) / pos_freq
+    return inv_freq, 0.1 * math.log(config.yarn_factor) + 1.0
+
+
+def rope_cos_sin(inv_freq, scale, pos, dtype):
+    """cos and sin for integer positions pos (T,) or (B, T): float32 math, then cast, as transformers does."""
+    angles = pos.float().unsqueeze(-1) * inv_freq
+    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, H, T, D); cos/sin: (T, D/2) or (B, T, D/2). Rotate-half convention."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@functools.lru_cache(maxsize=16)
+def sliding_window_mask(T, window, device):
+    """Boolean (T, T) mask, True where query i may see key j: i - window < j <= i. Built once per length."""
+    i = torch.arange(T, device=device).unsqueeze(1)
+    j = torch.arange(T, device=device).unsqueeze(0)
+    return (j <= i) & (j > i - window)
+
+
+@functools.lru_cache(maxsize=16)
+def causal_mask(T, device):
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
+def attention(q, k, v, mask, scale, sinks=None, dropout=0.0):
+    """Scaled dot-product attention on fused kernels. q: (B, H, T, D); k, v: (B, Hkv, S, D).
+
+    mask: None for plain causal attention (T == S), else a boolean (T, S) or (B, 1, T, S) "may attend" mask.
+    sinks (H,): each row's softmax also gets exp(sink_h) in its denominator. We append a key of zeros whose
+    score is set through an additive mask to sink_h, and a value of zeros, so SDPA computes exactly that.
+    """
+    if k.size(1) != q.size(1):  # grouped-query attention: share each KV head across its group of query heads
+        rep = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if sinks is None:
+        is_causal = mask is None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                                              scale=scale)
+    T, S = q.size(-2), k.size(-2)
+    if mask is None:
+        mask = causal_mask(T, q.device)
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    bias = bias.view(1, 1, T, S) if bias.dim() == 2 else bias  # (1 or B, 1, T, S)
+    sink_col = sinks.to(q.dtype).view(1, -1, 1, 1).expand(bias.size(0), -1, T, 1)
+    bias = torch.cat([bias.expand(-1, q.size(1), -1, -1), sink_col], dim=-1)  # (B', H, T, S + 1)
+    zero = q.new_zeros(q.size(0), q.size(1), 1, q.size(-1))
+    k, v = torch.cat([k, zero], dim=-2), torch.cat([v, zero], dim=-2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = config.n_head, config.kv_heads, config.hd
+        self.layer_idx = layer_idx
+        self.sliding = config.layer_kind(layer_idx) == "S"
+        self.window = config.sliding_window
+        self.scale = (config.attn_scale_dim or config.hd) ** -0.5
+        self.dropout = config.dropout
+        # q, k and v from one matmul; for GQA the k and v parts are narrower
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.hd, bias=config.qkv_bias)
+        self.c_proj = nn.Linear(self.n_head * self.hd, config.n_embd, bias=config.attn_out_bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:
+            self.q_norm, self.k_norm = Norm(self.hd, config), Norm(self.hd, config)
+        self.sinks = nn.Parameter(torch.zeros(self.n_head)) if config.attn_sinks else None
+
+    def forward(self, x, rope, cache=None):
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope["S" if self.sliding else "F"]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # generation: append to this layer's KV cache, attend over what it holds
+            k, v, mask = cache.update(self.layer_idx, k, v)
+        else:
+            mask = sliding_window_mask(T, self.window, x.device) if self.sliding and T > 1 else None
+        y = attention(q, k, v, mask, self.scale, self.sinks, self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def clamped_swiglu(gate, up, limit, alpha=1.702):
+    """GPT-OSS activation: gate clamped above, up clamped both ways, and the +1 on up."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(-limit, limit)
+    return (up + 1) * gate * torch.sigmoid(alpha * gate)
+
+
+class MLP(nn.Module):
+    """Dense MLP. Gated kinds keep gate and up in one matmul: c_fc's output is [gate | up]."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.kind, self.limit = config.mlp, config.swiglu_limit
+        width = config.hidden * (1 if self.kind == "gelu" else 2)
+        self.c_fc = nn.Linear(config.n_embd, width, bias=config.mlp_bias)
+        self.c_proj = nn.Linear(config.hidden, config.n_embd, bias=config.mlp_bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.gelu(gate, approximate="tanh") * up if self.kind == "geglu" else clamped_swiglu(gate, up, self.limit)
+        return self.dropout(self.c_proj(h))
+
+
+def grouped_matmul(x, w, counts):
+    """Rows of x are grouped by expert (counts[e] rows for expert e); returns each group @ w[e].
+
+    On CUDA in bf16 this is one grouped GEMM; elsewhere one matmul per expert over its own rows.
+    """
+    if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        offsets = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, w.to(x.dtype), offs=offsets)
+    groups = x.split(counts.tolist())
+    return torch.cat([g @ w[e] for e, g in enumerate(groups)])
+
+
+class MoE(nn.Module):
+    """GPT-OSS mixture of experts. Expert weights are stacked, in transformers' x @ W layout:
+    gate_up [E, C, 2I] with gate and up interleaved in the columns, down [E, I, C]."""
+
+    def __init__(self, config):
+        super().__init__()
+        E, C, I = config.n_expert, config.n_embd, config.hidden
+        self.top_k, self.limit = config.n_expert_active, config.swiglu_limit
+        self.router = nn.Linear(C, E, bias=config.router_bias)
+        self.gate_up = nn.Parameter(torch.empty(E, C, 2 * I))
+        self.down = nn.Parameter(torch.empty(E, I, C))
+        self.gate_up_bias = nn.Parameter(torch.zeros(E, 2 * I)) if config.mlp_bias else None
+        self.down_bias = nn.Parameter(torch.zeros(E, C)) if config.mlp_bias else None
+
+    def forward(self, x):
+        """Returns the output and this layer's router logits (for the load-balancing loss)."""
+        shape, C = x.shape, x.size(-1)
+        x = x.reshape(-1, C)
+        logits = self.router(x)
+        top_logits, top_experts = logits.topk(self.top_k, dim=-1)
+        weights = F.softmax(top_logits, dim=-1)
+        # sort the (token, slot) pairs by expert so each expert runs once on a contiguous block of its tokens
+        flat_experts = top_experts.reshape(-1)
+        order = flat_experts.argsort(stable=True)
+        token = order // self.top_k
+        expert = flat_experts[order]
+        counts = torch.bincount(flat_experts, minlength=self.gate_up.size(0))
+        h = grouped_matmul(x[token], self.gate_up, counts)
+        if self.gate_up_bias is not None:
+            h = h + self.gate_up_bias[expert]
+        h = clamped_swiglu(h[:, 0::2], h[:, 1::2], self.limit)
+        out = grouped_matmul(h, self.down, counts)
+        if self.down_bias is not None:
+            out = out + self.down_bias[expert]
+        out = out * weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
+        y = torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+        self.expert_counts = counts.detach()
+        return y.view(shape), logits
+
+
+def load_balancing_loss(router_logits, n_expert, top_k):
+    """Switch-style auxiliary loss as transformers computes it, over all layers' logits [L * N, E]:
+    E * sum_e (top-k assignments to e / N) * mean_e(softmax probability)."""
+    logits = torch.cat(router_logits).float()
+    probs = F.softmax(logits, dim=-1)
+    chosen = probs.topk(top_k, dim=-1).indices.reshape(-1)
+    assigned = torch.zeros(n_expert, device=logits.device).index_add_(0, chosen, torch.ones_like(chosen, dtype=torch.float))
+    return n_expert * torch.sum(assigned / logits.size(0) * probs.mean(dim=0))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = Norm(config.n_embd, config)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = Norm(config.n_embd, config)
+        self.mlp = MoE(config) if config.n_expert else MLP(config)
+        if config.sandwich_norm:
+            self.post_attn_norm = Norm(config.n_embd, config)
+            self.post_mlp_norm = Norm(config.n_embd, config)
+
+    def forward(self, x, rope, cache=None):
+        h = self.attn(self.ln_1(x), rope, cache)
+        x = x + (self.post_attn_norm(h) if hasattr(self, "post_attn_norm") else h)
+        h = self.mlp(self.ln_2(x))
+        h, router_logits = h if isinstance(h, tuple) else (h, None)
+        x = x + (self.post_mlp_norm(h) if hasattr(self, "post_mlp_norm") else h)
+        return x, router_logits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=Norm(config.n_embd, config),
+        ))
+        if config.pos_emb == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        if config.pos_emb == "rope":  # inverse frequencies only: cos/sin are made per forward for the positions used
+            local_theta = config.rope_local_theta or config.rope_theta
+            full, self.rope_scale_full = rope_inv_freq(config, config.rope_theta, yarn=True)
+            local, self.rope_scale_local = rope_inv_freq(config, local_theta, yarn=local_theta == config.rope_theta)
+            self.register_buffer("inv_freq_full", full, persistent=False)
+            self.register_buffer("inv_freq_local", local, persistent=False)
+        self._residual_projections = {b.attn.c_proj for b in self.transformer.h} | {
+            b.mlp.c_proj for b in self.transformer.h if isinstance(b.mlp, MLP)}
+        self.apply(self._init_weights)
+        del self._residual_projections
+        self.aux_loss = None       # last training forward's load-balancing loss (detached), for logging
+        self.lm_loss = None        # last forward's language-model loss (detached), for logging
+
+    def _init_weights(self, module):
+        """nanoGPT's init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer)."""
+        std, proj_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layer)
+        if isinstance(module, nn.Linear):
+            is_proj = module in self._residual_projections
+            nn.init.normal_(module.weight, mean=0.0, std=proj_std if is_proj else std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, MoE):
+            nn.init.normal_(module.gate_up, mean=0.0, std=std)
+            nn.init.normal_(module.down, mean=0.0, std=proj_std)
+
+    # -- sizes, flops ----------------------------------------------------------------------------------------------
+
+    def num_params(self, active=False):
+        """All unique parameters; active=True counts only the top-k experts a token uses."""
+        n = sum(p.numel() for p in self.parameters())
+        if active and self.config.n_expert:
+            idle = 1 - self.config.n_expert_active / self.config.n_expert
+            n -= int(sum(p.numel() for m in self.modules() if isinstance(m, MoE)
+                         for p in (m.gate_up, m.down, m.gate_up_bias, m.down_bias) if p is not None) * idle)
+        return n
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token (forward + backward) at sequence length T, as in the PaLM appendix:
+        6 per active matmul weight, plus attention scores over the keys each query actually sees."""
+        cfg = self.config
+        n = self.num_params(active=True)
+        if "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        if not cfg.tie_embeddings:  # the input embedding is a lookup, not a matmul
+            n -= self.transformer.wte.weight.numel()
+        attn = sum(12 * cfg.n_head * cfg.hd * (min(T, cfg.sliding_window) if cfg.layer_kind(i) == "S" else T)
+                   for i in range(cfg.n_layer))
+        return 6 * n + attn
+
+    def estimate_mfu(self, tokens_per_iter, dt, device="cpu", dtype=torch.float32):
+        """Model FLOPs utilisation against the peak of the device actually used."""
+        return self.flops_per_token(self.config.block_size) * tokens_per_iter / dt / device_peak_flops(device, dtype)
+
+    # -- forward -------------------------------------------------------------------------------------------------
+
+    def rope(self, pos, dtype):
+        if self.config.pos_emb != "rope":
+            return None
+        return {"F": rope_cos_sin(self.inv_freq_full, self.rope_scale_full, pos, dtype),
+                "S": rope_cos_sin(self.inv_freq_local, self.rope_scale_local, pos, dtype)}
+
+    def embed(self, idx, pos):
+        x = self.transformer.wte(idx)
+        if self.config.embed_scale:
+            x = x * torch.tensor(self.config.n_embd ** 0.5, dtype=x.dtype)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(pos)
+        return self.transformer.drop(x)
+
+    def hidden_states(self, idx, pos=None, cache=None):
+        """Final-norm hidden states (B, T, C) and each MoE layer's router logits. pos: (T,) or (B, T)."""
+        T = idx.size(1)
+        if pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+            pos = torch.arange(T, device=idx.device)
+        x = self.embed(idx, pos)
+        rope = self.rope(pos, x.dtype)
+        router_logits = []
+        for block in self.transformer.h:
+            x, logits = block(x, rope, cache)
+            if logits is not None:
+                router_logits.append(logits)
+        return self.transformer.ln_f(x), router_logits
+
+    def head(self, x):
+        logits = self.lm_head(x)
+        if self.config.logit_softcap:
+            logits = torch.tanh(logits / self.config.logit_softcap) * self.config.logit_softcap
+        return logits
+
+    def forward(self, idx, targets=None):
+        """Logits (B, T, vocab) for every position, and the loss if targets are given (-1 = ignore).
+        In training, MoE models add moe_aux_loss_weight * the load-balancing loss to the loss."""
+        x, router_logits = self.hidden_states(idx)
+        logits = self.head(x)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        self.lm_loss = loss.detach()
+        if router_logits and self.training and self.config.moe_aux_loss_weight:
+            aux = load_balancing_loss(router_logits, self.config.n_expert, self.config.n_expert_active)
+            self.aux_loss = aux.detach()
+            loss = loss + self.config.moe_aux_loss_weight * aux
+        return logits, loss
+
+    def expert_load(self):
+        """Tokens routed to each expert in the last forward, per MoE layer: (n_layer, n_expert), or None."""
+        counts = [b.mlp.expert_counts for b in self.transformer.h if isinstance(b.mlp, MoE)]
+        return torch.stack(counts) if counts else None
+
+    # -- optimizer -------------------------------------------------------------------------------------------------
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8):
+        """AdamW with weight decay on matrices only (nanoGPT); fused when the device supports it."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+
+    # -- Hugging Face checkpoints (hf.py does the mapping) -----------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu", **overrides):
+        """A Hugging Face GPT-2, Gemma 3 or GPT-OSS checkpoint: a hub id (gpt2, google/gemma-3-270m,
+        openai/gpt-oss-20b, ...) or a local directory with config.json and safetensors."""
+        import hf
+        return hf.load_pretrained(cls, name_or_path, dtype=dtype, device=device, **overrides)
+
+    def save_pretrained(self, path, dtype=None, max_shard_bytes=5 * 2**30):
+        """Write the Hugging Face layout (config.json + safetensors) that transformers loads."""
+        import hf
+        hf.save_pretrained(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+    # -- generation (KV cache) ---------------------------------------------------------------------------------
+
+    def forward_cached(self, idx, cache):
+        """Run new tokens idx (B, T) through the model, appending to cache; logits of the last position (B, V)."""
+        x, _ = self.hidden_states(idx, pos=cache.positions(idx.size(1)), cache=cache.begin(idx.size(1)))
+        cache.advance()
+        return self.head(x[:, -1, :])
+
+    @torch.no_grad()
+    def generate_stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(),
+                        generator=None):
+        """Decode a batch of prompts (lists of token ids, any lengths) with a KV cache: one pass over the prompts,
+        then one token per step. Yields, per step, a list with each row's new token id, or None for rows that
+        have stopped (a row stops after yielding one of stop_tokens)."""
+        device = self.lm_head.weight.device
+        lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise ValueError("every prompt needs at least one token")
+        longest = max(lengths)
+        if longest + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's block_size {self.config.block_size}")
+        # left-pad so every row's next token lands in the same column; positions start at 0 in every row
+        pad = torch.tensor([longest - n for n in lengths], device=device)
+        idx = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
+        cache = KVCache(self, len(prompts), longest + max_new_tokens, pad)
+        logits = self.forward_cached(idx, cache)
+        stop_tokens, running = set(stop_tokens), [True] * len(prompts)
+        for step in range(max_new_tokens):
+            next_tokens = sample_next(logits, temperature, top_k, top_p, generator)
+            out = []
+            for row, token in enumerate(next_tokens[:, 0].tolist()):
+                out.append(token if running[row] else None)
+                running[row] = running[row] and token not in stop_tokens
+            yield out
+            if not any(running) or step == max_new_tokens - 1:
+                return
+            logits = self.forward_cached(next_tokens, cache)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Continue idx (B, T) by max_new_tokens tokens (nanoGPT's signature); temperature 0 is greedy."""
+        steps = list(self.generate_stream(idx.tolist(), max_new_tokens, temperature, top_k, top_p,
+                                          generator=generator))
+        return torch.cat([idx, torch.tensor(steps, dtype=idx.dtype, device=idx.device).T], dim=1)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, gpt-fast style. Full layers keep every column; sliding
+    layers keep a ring buffer of the last `window` columns, so their memory stays flat however long the run.
+
+    Rows are left-padded to a common length: column c of row b holds position c - pad[b]; padding columns
+    are masked out of every real query. One forward = begin(T), each layer's update(), then advance().
+    """
+
+    def __init__(self, model, batch_size, max_len, pad):
+        cfg, p = model.config, model.lm_head.weight
+        self.window, self.pad, self.col = cfg.sliding_window, pad, 0
+        self.ring = min(max_len, cfg.sliding_window) if "S" in cfg.attn_pattern else 0
+        self.ring_cols = torch.full((self.ring,), -1, device=p.device)  # the column each ring slot holds
+        self.k, self.v, self.sliding = [], [], []
+        for i in range(cfg.n_layer):
+            sliding = cfg.layer_kind(i) == "S"
+            shape = (batch_size, cfg.kv_heads, self.ring if sliding else max_len, cfg.hd)
+            self.k.append(torch.zeros(shape, dtype=p.dtype, device=p.device))
+            self.v.append(torch.zeros(shape, dtype=p.dtype, device=p.device))
+            self.sliding.append(sliding)
+
+    def positions(self, T):
+        cols = torch.arange(self.col, self.col + T, device=self.pad.device)
+        return (cols.unsqueeze(0) - self.pad.unsqueeze(1)).clamp(min=0)  # (B, T)
+
+    def mask(self, key_cols, query_cols, window=0):
+        """(B, 1, T, S): key column visible to query column, in this row's real tokens (and window)."""
+        k, q = key_cols.view(1, 1, 1, -1), query_cols.view(1, 1, -1, 1)
+        ok = (k <= q) & (k >= self.pad.view(-1, 1, 1, 1))
+        if window:
+            ok = ok & (k > q - window) & (k >= 0)
+        return ok | (k == q)  # a padding query sees itself, so its (unused) output stays finite
+
+    def begin(self, T):
+        """Prepare the masks of a forward of T new tokens, shared by all layers of a kind."""
+        self.T = T
+        q = torch.arange(self.col, self.col + T, device=self.pad.device)
+        self.full_mask = self.mask(torch.arange(self.col + T, device=q.device), q)
+        if self.ring:
+            keep = q[-self.ring:]  # the new columns that stay in the ring, and their slots
+            self.ring_slots = keep % self.ring
+            new_ring_cols = self.ring_cols.clone()
+            new_ring_cols[self.ring_slots] = keep
+            # one token: write into the ring, then attend over it. Several: attend over ring + new, then write
+            key_cols = new_ring_cols if T == 1 else torch.cat([self.ring_cols, q])
+            self.sliding_mask = self.mask(key_cols, q, self.window)
+            self.new_ring_cols = new_ring_cols
+        return self
+
+    def update(self, layer, k, v):
+        """Store this layer's new keys/values (B, Hkv, T, D); return the keys, values and mask to attend over."""
+        K, V = self.k[layer], self.v[layer]
+        if not self.sliding[layer]:
+            K[:, :, self.col:self.col + self.T] = k
+            V[:, :, self.col:self.col + self.T] = v
+            return K[:, :, :self.col + self.T], V[:, :, :self.col + self.T], self.full_mask
+        if self.T == 1:
+            K.index_copy_(2, self.ring_slots, k)
+            V.index_copy_(2, self.ring_slots, v)
+            return K, V, self.sliding_mask
+        k_all, v_all = torch.cat([K, k], dim=2), torch.cat([V, v], dim=2)
+        n = len(self.ring_slots)
+        K.index_copy_(2, self.ring_slots, k[:, :, -n:])
+        V.index_copy_(2, self.ring_slots, v[:, :, -n:])
+        return k_all, v_all, self.sliding_mask
+
+    def advance(self):
+        self.col += self.T
+        if self.ring:
+            self.ring_cols = self.new_ring_cols
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row from logits (B, V): greedy at temperature 0, else top-k then nucleus (top-p)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, sorted_idx, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# peak FLOP/s of the device in use, for MFU
+
+# dense tensor-core peaks (no sparsity), FLOP/s, by a substring of torch.cuda.get_device_name()
+GPU_PEAK_FLOPS = {
+    "H200": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12},
+    "H100": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12},
+    "A100": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 19.5e12},
+    "L40S": {torch.bfloat16: 362e12, torch.float16: 362e12, torch.float32: 91.6e12},
+    "L4": {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 30.3e12},
+    "A10": {torch.bfloat16: 125e12, torch.float16: 125e12, torch.float32: 31.2e12},
+    "4090": {torch.bfloat16: 165e12, torch.float16: 165e12, torch.float32: 82.6e12},
+    "3090": {torch.bfloat16: 71e12, torch.float16: 71e12, torch.float32: 35.6e12},
+    "V100": {torch.float16: 125e12, torch.float32: 15.7e12},
+    "T4": {torch.float16: 65e12, torch.float32: 8.1e12},
+}
+
+
+@functools.lru_cache(maxsize=None)
+def device_peak_flops(device="cpu", dtype=torch.float32):
+    """Peak FLOP/s: a table for known GPUs; on CPU (or an unknown GPU) a measured matmul peak."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in GPU_PEAK_FLOPS.items():
+            if key in name and dtype in peaks:
+                return peaks[dtype]
+    return measure_matmul_flops(device, dtype)
+
+
+def measure_matmul_flops(device, dtype, n=1024, reps=5):
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(reps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
