@@ -44,6 +44,7 @@ one, else its public int/float/bool/str/tuple/list/None values. apply_overrides 
 import ast
 import difflib
 import os
+import runpy
 import sys
 
 _CONFIG_TYPES = (int, float, bool, str, tuple, list, type(None))
@@ -120,18 +121,20 @@ def _find_config_file(name, globals_dict):
 
 
 def _load_config_file(name, globals_dict, keys):
+    # runpy rather than exec(compile(...)): exec'd into a script, these functions see its globals,
+    # where a config key may shadow a builtin (nanoGPT's `compile = True`)
     path = _find_config_file(name, globals_dict)
-    before = dict(globals_dict)
     try:
-        with open(path, encoding="utf-8") as f:
-            exec(compile(f.read(), path, "exec"), globals_dict)
+        result = runpy.run_path(path, init_globals=globals_dict)
     except Exception as e:
-        _fail(f"config file {name!r} failed: {type(e).__name__}: {e}")
-    for k, v in globals_dict.items():
-        if (k not in keys and not k.startswith("_") and isinstance(v, _CONFIG_TYPES)
-                and before.get(k, _MISSING) is not v):
+        _fail(f"config file {name!r} failed: {e.__class__.__name__}: {e}")
+    changed = {k: v for k, v in result.items()
+               if not k.startswith("__") and globals_dict.get(k, _MISSING) is not v}
+    for k, v in changed.items():
+        if k not in keys and not k.startswith("_") and isinstance(v, _CONFIG_TYPES):
             print(f"warning: {name} sets {k!r}, which is not a config key ({_did_you_mean(k, keys)})",
                   file=sys.stderr)
+    globals_dict.update(changed)
 
 
 def _print_help(globals_dict, keys):
