@@ -13,6 +13,11 @@ meta.json, written by data/*/prepare.py (make_meta below):
     dtype       element type of the .bin token streams: "uint16" if vocab_size <= 65536, else "uint32"
     eot_token   id of <|endoftext|> (datasets of documents end each one with it), or null for "char"
     chars       "char" only: the vocabulary as one string of the sorted unique characters; id i is chars[i]
+Chat datasets (data/chat/prepare.py, whose docstring gives the layout) add chat_format, block_size,
+row_len, packed and pad_token.
+
+Chat formats (the section at the end): render_chat(tok, messages, fmt) -> (ids, loss_mask) for SFT,
+render_prompt(tok, messages, fmt) -> ids for generation, stop_tokens / stop_strings, default_chat_format.
 
 tiktoken needs its vocabulary files: offline, set TIKTOKEN_CACHE_DIR to a cache. When it is unset
 and ../shared/tiktoken_cache exists beside the repo, that cache is used.
@@ -124,3 +129,171 @@ def read_meta(data_dir):
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         sys.exit(f"error: {path} is not valid JSON ({e}): re-run the dataset's prepare.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat formats: how a conversation becomes tokens, for SFT data (data/chat/prepare.py) and for
+# prompting a chat model (a server). One place for all three families' formats.
+#
+# A conversation is a list of {"role": ..., "content": str} messages; roles are CHAT_ROLES. Each
+# message is one turn rendered as   header  content  end  after   (pieces below; "" = nothing):
+#
+#   format    role              header                                           end            after
+#   harmony   system/developer  <|start|>{role}<|message|>                       <|end|>
+#   (GPT-OSS) user              <|start|>user<|message|>                         <|end|>
+#             assistant         <|start|>assistant<|channel|>final<|message|>    <|return|> if it is the last
+#                                                                                message, else <|end|>
+#   gemma     user              "<start_of_turn>user\n"                          "<end_of_turn>"  "\n"
+#             assistant         "<start_of_turn>model\n"                         "<end_of_turn>"  "\n"
+#             system/developer  only as the first message: its content + "\n\n" is prepended to the
+#                               first user turn's content (as Gemma 3's chat template does)
+#   plain     system/developer  "System: " / "Developer: "                       "\n"
+#   (GPT-2)   user              "User: "                                         "\n"
+#             assistant         "Assistant: "                                    <|endoftext|> (the eot token);
+#                                                                                "\n\n" for "char" (no eot)
+#
+# <|...|> are single special tokens of o200k_harmony (ids in ARCHITECTURES.md; harmony needs that
+# tokenizer). Quoted pieces are text: Gemma's real tokenizer (SentencePiece) has <start_of_turn> and
+# <end_of_turn> as special tokens, but we only have tiktoken/char tokenizers, so our Gemma-style
+# models (trained on GPT-2 BPE) see the markers as ordinary text, several tokens each.
+#
+# Tokenization: every piece (each header/end/after text or special token, and each message's content)
+# is encoded on its own and the ids concatenated, so no token spans two pieces and the same
+# conversation prefix always gives the same ids (render_prompt's ids are a prefix of render_chat's).
+# Content is encoded as ordinary text: "<|end|>" typed by a user is never a special token.
+#
+# Loss mask (render_chat): True exactly on each assistant turn's content tokens and its end tokens
+# (<|end|>/<|return|>, "<end_of_turn>", <|endoftext|>/"\n\n"), so the model learns to answer and to
+# stop. False on everything else: system/developer/user turns, every header (the prompt supplies it:
+# render_prompt ends with the assistant header) and gemma's "\n" after <end_of_turn>.
+#
+# Not covered: tool calls and tool messages (harmony's <|call|>, recipients, <|constrain|>), the
+# analysis (reasoning) and commentary channels, and gpt-oss's default system message (model
+# identity, dates, "Reasoning: medium", valid channels) and "# Instructions" developer wrapper:
+# pass those as system/developer messages yourself. Assistant replies always use the final channel,
+# which the prompt's header supplies. Gemma: no <bos>, content is not trimmed, and roles are not
+# checked to alternate.
+# ---------------------------------------------------------------------------------------------
+
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_FORMATS = ("plain", "gemma", "harmony")
+
+
+def check_messages(messages):
+    """Raise ValueError (saying which message) unless `messages` is a non-empty list of
+    {"role": one of CHAT_ROLES, "content": str} dicts."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError('"messages" must be a non-empty list')
+    for i, m in enumerate(messages, 1):
+        if not isinstance(m, dict):
+            raise ValueError(f"message {i} is not a JSON object")
+        if m.get("role") not in CHAT_ROLES:
+            raise ValueError(f"message {i} has unknown role {m.get('role')!r} "
+                             f"(expected one of {', '.join(CHAT_ROLES)})")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} ({m['role']}) needs a string \"content\"")
+
+
+def _special(tok, text):
+    ids = tok.encode(text, allow_special=True) if tok.name != "char" else []
+    if len(ids) != 1:
+        raise ValueError(f"the harmony chat format needs the o200k_harmony tokenizer: "
+                         f"tokenizer {tok.name!r} has no {text} token")
+    return ids[0]
+
+
+def _turn(tok, chat_format, role, last):
+    """(header, end, after) of one turn, each a list of pieces: text, or a token id."""
+    if chat_format == "harmony":
+        start, message, end = (_special(tok, s) for s in ("<|start|>", "<|message|>", "<|end|>"))
+        if role == "assistant":
+            close = _special(tok, "<|return|>") if last else end
+            return [start, "assistant", _special(tok, "<|channel|>"), "final", message], [close], []
+        return [start, role, message], [end], []
+    if chat_format == "gemma":
+        return [f"<start_of_turn>{'model' if role == 'assistant' else role}\n"], ["<end_of_turn>"], ["\n"]
+    if chat_format == "plain":
+        if role == "assistant":
+            return ["Assistant: "], [tok.eot_token if tok.eot_token is not None else "\n\n"], []
+        return [f"{role.capitalize()}: "], ["\n"], []
+    raise ValueError(f"unknown chat format {chat_format!r} (expected one of {', '.join(CHAT_FORMATS)})")
+
+
+def _gemma_messages(messages):
+    """Gemma has no system turn: the first message, if system/developer, prefixes the first user turn."""
+    if any(m["role"] in ("system", "developer") for m in messages[1:]):
+        raise ValueError("the gemma chat format takes a system message only as the first message")
+    if messages[0]["role"] not in ("system", "developer"):
+        return messages
+    if len(messages) < 2 or messages[1]["role"] != "user":
+        raise ValueError("the gemma chat format needs a user message right after the system message")
+    first_user = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+    return [first_user] + messages[2:]
+
+
+def _render(tok, messages, chat_format, add_assistant_header):
+    check_messages(messages)
+    if chat_format == "gemma":
+        messages = _gemma_messages(messages)
+    ids, mask = [], []
+
+    def add(pieces, trained):
+        for piece in pieces:
+            new = [piece] if isinstance(piece, int) else tok.encode(piece)
+            ids.extend(new)
+            mask.extend([trained] * len(new))
+
+    for i, m in enumerate(messages):
+        last = i == len(messages) - 1 and not add_assistant_header
+        header, end, after = _turn(tok, chat_format, m["role"], last)
+        trained = m["role"] == "assistant"
+        add(header, False)
+        add([m["content"]], trained)
+        add(end, trained)
+        add(after, False)
+    if add_assistant_header:
+        add(_turn(tok, chat_format, "assistant", True)[0], False)
+    return ids, mask
+
+
+def render_chat(tok, messages, chat_format):
+    """A whole conversation, for training: (ids, loss_mask), two lists of the same length; loss_mask[i]
+    is True when ids[i] is a token the model must learn to produce (see the table above)."""
+    return _render(tok, messages, chat_format, add_assistant_header=False)
+
+
+def render_prompt(tok, messages, chat_format):
+    """The conversation so far, then the header that opens the assistant's reply: the ids to generate
+    from. Earlier assistant turns end as in training (harmony: <|end|>). Sample until stop_tokens or
+    stop_strings."""
+    return _render(tok, messages, chat_format, add_assistant_header=True)[0]
+
+
+def stop_tokens(tok, chat_format):
+    """Token ids that end an assistant reply: the format's end tokens (harmony: <|return|>, <|call|>,
+    <|end|>) and the tokenizer's <|endoftext|>, if it has one. Drop the stop token from the reply."""
+    ids = [_special(tok, s) for s in ("<|return|>", "<|call|>", "<|end|>")] if chat_format == "harmony" else []
+    return ids + ([tok.eot_token] if tok.eot_token is not None else [])
+
+
+def stop_strings(tok, chat_format):
+    """Text that ends an assistant reply when no single token does: gemma's "<end_of_turn>" (several
+    tokens in our tokenizers) and plain's "\\n\\n" for "char". Cut the reply where one first appears."""
+    if chat_format == "gemma":
+        return ["<end_of_turn>"]
+    if chat_format == "plain" and tok.eot_token is None:
+        return ["\n\n"]
+    return []
+
+
+def default_chat_format(meta_or_tokenizer, family=None):
+    """The chat format for a dataset's meta.json (its "chat_format" if it has one), a tokenizer or a
+    tokenizer name: "gemma" when `family` names a Gemma model (e.g. "gemma3-compact", "google/gemma-3-270m"),
+    else "harmony" for o200k_harmony, else "plain"."""
+    m = meta_or_tokenizer
+    if isinstance(m, dict) and m.get("chat_format"):
+        return m["chat_format"]
+    if family and "gemma" in str(family).lower():
+        return "gemma"
+    name = m.get("tokenizer") if isinstance(m, dict) else getattr(m, "name", m)
+    return "harmony" if name == "o200k_harmony" else "plain"
