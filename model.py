@@ -10,6 +10,7 @@ Hugging Face import/export lives in hf.py; the KV-cache generator lives at the e
 """
 
 import difflib
+import fnmatch
 import functools
 import math
 import time
@@ -67,6 +68,12 @@ class GPTConfig:
     embed_scale: bool = False     # multiply token embeddings by sqrt(n_embd), rounded to the weight dtype (Gemma)
     tie_embeddings: bool = True
     logit_softcap: float = 0.0    # tanh(logits / c) * c; 0: off
+    # LoRA fine-tuning: low-rank adapters on the weights named by lora_targets (comma-separated patterns matched
+    # against module or expert-tensor names, e.g. "attn.c_attn,attn.c_proj" or "h.7.mlp.down,h.15.mlp.down")
+    lora_rank: int = 0            # 0: no adapters
+    lora_alpha: float = 16.0      # adapter output scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: str = "attn.c_attn,attn.c_proj"
 
     def __post_init__(self):
         assert self.norm in ("layernorm", "rmsnorm"), f"norm must be layernorm or rmsnorm, got {self.norm!r}"
@@ -153,6 +160,35 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------------------------------------------
 # building blocks
+
+
+class Linear(nn.Linear):
+    """nn.Linear with an optional LoRA adapter: y = x W^T + b + dropout(x) A^T B^T * alpha / rank.
+    The base weight keeps its name (and may stay frozen in bf16); the adapter adds lora_A and lora_B."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_parameter("lora_A", None)
+        self.register_parameter("lora_B", None)
+
+    def add_lora(self, rank, alpha, dropout):
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=self.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's init: B = 0, so training starts at the base
+        self.lora_scale, self.lora_dropout = alpha / rank, nn.Dropout(dropout)
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.lora_A is not None:
+            A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+            y = y + F.linear(F.linear(self.lora_dropout(x), A), B) * self.lora_scale
+        return y
+
+    @torch.no_grad()
+    def merge_lora(self):
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.lora_scale
+        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+        self.lora_A = self.lora_B = None
 
 
 class Norm(nn.Module):
@@ -255,8 +291,8 @@ class CausalSelfAttention(nn.Module):
         self.scale = (config.attn_scale_dim or config.hd) ** -0.5
         self.dropout = config.dropout
         # q, k and v from one matmul; for GQA the k and v parts are narrower
-        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.hd, bias=config.qkv_bias)
-        self.c_proj = nn.Linear(self.n_head * self.hd, config.n_embd, bias=config.attn_out_bias)
+        self.c_attn = Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.hd, bias=config.qkv_bias)
+        self.c_proj = Linear(self.n_head * self.hd, config.n_embd, bias=config.attn_out_bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         if config.qk_norm:
             self.q_norm, self.k_norm = Norm(self.hd, config), Norm(self.hd, config)
@@ -296,8 +332,8 @@ class MLP(nn.Module):
         super().__init__()
         self.kind, self.limit = config.mlp, config.swiglu_limit
         width = config.hidden * (1 if self.kind == "gelu" else 2)
-        self.c_fc = nn.Linear(config.n_embd, width, bias=config.mlp_bias)
-        self.c_proj = nn.Linear(config.hidden, config.n_embd, bias=config.mlp_bias)
+        self.c_fc = Linear(config.n_embd, width, bias=config.mlp_bias)
+        self.c_proj = Linear(config.hidden, config.n_embd, bias=config.mlp_bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -330,11 +366,37 @@ class MoE(nn.Module):
         super().__init__()
         E, C, I = config.n_expert, config.n_embd, config.hidden
         self.top_k, self.limit = config.n_expert_active, config.swiglu_limit
-        self.router = nn.Linear(C, E, bias=config.router_bias)
+        self.router = Linear(C, E, bias=config.router_bias)
         self.gate_up = nn.Parameter(torch.empty(E, C, 2 * I))
         self.down = nn.Parameter(torch.empty(E, I, C))
         self.gate_up_bias = nn.Parameter(torch.zeros(E, 2 * I)) if config.mlp_bias else None
         self.down_bias = nn.Parameter(torch.zeros(E, C)) if config.mlp_bias else None
+        self.lora = nn.ParameterDict()  # per-expert adapters: {name}_A [E, in, r] and {name}_B [E, r, out]
+
+    def add_lora(self, name, rank, alpha, dropout):
+        """A low-rank adapter per expert on the stacked tensor `name` ("gate_up" or "down"), in x @ W layout."""
+        E, n_in, n_out = getattr(self, name).shape
+        A = torch.empty(E, n_in, rank, device=self.down.device)
+        for e in range(E):  # PEFT's init per expert: kaiming-uniform A (as [r, in]), B = 0
+            nn.init.kaiming_uniform_(A[e].T, a=math.sqrt(5))
+        self.lora[name + "_A"] = nn.Parameter(A)
+        self.lora[name + "_B"] = nn.Parameter(torch.zeros(E, rank, n_out, device=self.down.device))
+        self.lora_scale, self.lora_dropout = alpha / rank, nn.Dropout(dropout)
+
+    def expert_matmul(self, x, name, counts):
+        y = grouped_matmul(x, getattr(self, name), counts)
+        if name + "_A" in self.lora:
+            A, B = self.lora[name + "_A"].to(x.dtype), self.lora[name + "_B"].to(x.dtype)
+            y = y + grouped_matmul(grouped_matmul(self.lora_dropout(x), A, counts), B, counts) * self.lora_scale
+        return y
+
+    @torch.no_grad()
+    def merge_lora(self):
+        for name in ("gate_up", "down"):
+            if name + "_A" in self.lora:
+                W = getattr(self, name)
+                delta = torch.bmm(self.lora.pop(name + "_A").float(), self.lora.pop(name + "_B").float())
+                W.copy_((W.float() + delta * self.lora_scale).to(W.dtype))
 
     def forward(self, x):
         """Returns the output and this layer's router logits (for the load-balancing loss)."""
@@ -349,11 +411,11 @@ class MoE(nn.Module):
         token = order // self.top_k
         expert = flat_experts[order]
         counts = torch.bincount(flat_experts, minlength=self.gate_up.size(0))
-        h = grouped_matmul(x[token], self.gate_up, counts)
+        h = self.expert_matmul(x[token], "gate_up", counts)
         if self.gate_up_bias is not None:
             h = h + self.gate_up_bias[expert]
         h = clamped_swiglu(h[:, 0::2], h[:, 1::2], self.limit)
-        out = grouped_matmul(h, self.down, counts)
+        out = self.expert_matmul(h, "down", counts)
         if self.down_bias is not None:
             out = out + self.down_bias[expert]
         out = out * weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
@@ -408,7 +470,7 @@ class GPT(nn.Module):
         ))
         if config.pos_emb == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         if config.pos_emb == "rope":  # inverse frequencies only: cos/sin are made per forward for the positions used
@@ -417,6 +479,8 @@ class GPT(nn.Module):
             b.mlp.c_proj for b in self.transformer.h if isinstance(b.mlp, MLP)}
         self.apply(self._init_weights)
         del self._residual_projections
+        if config.lora_rank:
+            self.add_lora()
         self.aux_loss = None       # last training forward's load-balancing loss (detached), for logging
         self.lm_loss = None        # last forward's language-model loss (detached), for logging
 
@@ -443,6 +507,43 @@ class GPT(nn.Module):
         elif isinstance(module, MoE):
             nn.init.normal_(module.gate_up, mean=0.0, std=std)
             nn.init.normal_(module.down, mean=0.0, std=proj_std)
+
+    # -- LoRA ---------------------------------------------------------------------------------------------------
+
+    def lora_sites(self):
+        """(name, module, tensor) for every weight matched by config.lora_targets; tensor is None for a Linear."""
+        patterns = [p.strip() for p in self.config.lora_targets.split(",") if p.strip()]
+        sites = []
+        for name, module in self.named_modules():
+            candidates = [(name, None)] if isinstance(module, Linear) else []
+            if isinstance(module, MoE):
+                candidates = [(f"{name}.gate_up", "gate_up"), (f"{name}.down", "down")]
+            for full, tensor in candidates:
+                if any(fnmatch.fnmatch(full, p) or fnmatch.fnmatch(full, "*." + p) for p in patterns):
+                    sites.append((full, module, tensor))
+        if not sites:
+            raise ValueError(f"lora_targets {self.config.lora_targets!r} match no weight; names look like "
+                             f"'transformer.h.0.attn.c_attn', 'h.0.mlp.c_fc', 'h.7.mlp.down' (experts)")
+        return sites
+
+    def add_lora(self):
+        cfg = self.config
+        for _, module, tensor in self.lora_sites():
+            if tensor is None:
+                module.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+            else:
+                module.add_lora(tensor, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+
+    def lora_parameters(self):
+        return [p for n, p in self.named_parameters() if "lora" in n]
+
+    def merge_lora(self):
+        """Fold every adapter into its weight; the model is then a plain model (config.lora_rank = 0)."""
+        for m in self.modules():
+            if isinstance(m, Linear) and m.lora_A is not None or isinstance(m, MoE) and len(m.lora):
+                m.merge_lora()
+        self.config.lora_rank = 0
+        return self
 
     # -- sizes, flops ----------------------------------------------------------------------------------------------
 
