@@ -494,6 +494,13 @@ class GPT(nn.Module):
         self.register_buffer("inv_freq_full", full.to(device), persistent=False)
         self.register_buffer("inv_freq_local", local.to(device), persistent=False)
 
+    def _apply(self, fn, *args, **kwargs):
+        """.to(dtype), .half(), .to_empty() would round or empty the RoPE buffers: recompute them in float32."""
+        super()._apply(fn, *args, **kwargs)
+        if self.config.pos_emb == "rope":
+            self.init_rope(self.inv_freq_full.device)
+        return self
+
     def _init_weights(self, module):
         """nanoGPT's init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer)."""
         std, proj_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layer)
