@@ -255,21 +255,59 @@ def causal_mask(T, device):
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()
 
 
-def attention(q, k, v, mask, scale, sinks=None, dropout=0.0):
-    """Scaled dot-product attention on fused kernels. q: (B, H, T, D); k, v: (B, Hkv, S, D).
+@functools.lru_cache(maxsize=16)
+def band_mask(n_chunks, window, device):
+    """(n, w, 2w) mask for banded_attention: query r of chunk i sees key c of [chunk i-1, chunk i] iff
+    r < c <= r + w; the first chunk has no chunk before it."""
+    r = torch.arange(window, device=device).unsqueeze(1)
+    c = torch.arange(2 * window, device=device).unsqueeze(0)
+    mask = ((c > r) & (c <= r + window)).expand(n_chunks, -1, -1).clone()
+    mask[0, :, :window] = False
+    return mask
 
-    mask: None for plain causal attention (T == S), else a boolean (T, S) or (B, 1, T, S) "may attend" mask.
-    sinks (H,): each row's softmax also gets exp(sink_h) in its denominator. We append a key of zeros whose
-    score is set through an additive mask to sink_h, and a value of zeros, so SDPA computes exactly that.
+
+def banded_attention(q, k, v, window, scale, sinks=None, dropout=0.0):
+    """Sliding-window attention for sequences longer than the window, on CPU: queries in chunks of `window`
+    are scored only against their own and the previous chunk's keys, so the work grows as T * window rather
+    than T^2 (a masked fused kernel would still visit every block). q, k, v: (B, H, T, D), same heads."""
+    B, H, T, D = q.shape
+    w, n = window, -(-T // window)
+    q, k, v = (F.pad(t, (0, 0, 0, n * w - T)) for t in (q, k, v))  # whole chunks
+    k, v = (F.pad(t, (0, 0, w, 0)) for t in (k, v))  # an empty chunk before the first
+    k_band = k.unfold(2, 2 * w, w).transpose(-1, -2)  # (B, H, n, 2w, D)
+    v_band = v.unfold(2, 2 * w, w).transpose(-1, -2)
+    scores = (q.view(B, H, n, w, D) @ k_band.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~band_mask(n, w, q.device), float("-inf"))
+    if sinks is not None:  # the sink logit joins each row's softmax, then leaves with no value
+        sink_col = sinks.to(scores.dtype).view(1, H, 1, 1, 1).expand(B, H, n, w, 1)
+        probs = torch.cat([scores, sink_col], dim=-1).softmax(dim=-1)[..., :-1]
+    else:
+        probs = scores.softmax(dim=-1)
+    probs = F.dropout(probs, dropout) if dropout else probs
+    return (probs @ v_band).view(B, H, n * w, D)[:, :, :T]
+
+
+def attention(q, k, v, mask, scale, sinks=None, dropout=0.0, window=0):
+    """Scaled dot-product attention. q: (B, H, T, D); k, v: (B, Hkv, S, D).
+
+    mask: None for causal attention (T == S), optionally within a sliding `window`; else a boolean (T, S) or
+    (B, 1, T, S) "may attend" mask. Sliding layers longer than their window use banded_attention on CPU and a
+    cached boolean mask on the fused SDPA kernels elsewhere; a window that covers the sequence is plain causal.
+    sinks (H,): each row's softmax also gets exp(sink_h) in its denominator. SDPA gets a key of zeros whose
+    score is set through an additive mask to sink_h, and a value of zeros, so it computes exactly that.
     """
+    T = q.size(-2)
     if k.size(1) != q.size(1):  # grouped-query attention: share each KV head across its group of query heads
         rep = q.size(1) // k.size(1)
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if window and T > window and mask is None:
+        if q.device.type == "cpu":
+            return banded_attention(q, k, v, window, scale, sinks, dropout)
+        mask = sliding_window_mask(T, window, q.device)
     if sinks is None:
-        is_causal = mask is None
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
                                               scale=scale)
-    T, S = q.size(-2), k.size(-2)
+    S = k.size(-2)
     if mask is None:
         mask = causal_mask(T, q.device)
     bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
@@ -312,8 +350,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # generation: append to this layer's KV cache, attend over what it holds
             k, v, mask = cache.update(self.layer_idx, k, v)
         else:
-            mask = sliding_window_mask(T, self.window, x.device) if self.sliding and T > 1 else None
-        y = attention(q, k, v, mask, self.scale, self.sinks, self.dropout if self.training else 0.0)
+            mask = None
+        window = self.window if self.sliding and cache is None else 0
+        y = attention(q, k, v, mask, self.scale, self.sinks, self.dropout if self.training else 0.0, window)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)
         return self.resid_dropout(self.c_proj(y))
 
