@@ -297,3 +297,36 @@ def default_chat_format(meta_or_tokenizer, family=None):
         return "gemma"
     name = m.get("tokenizer") if isinstance(m, dict) else getattr(m, "name", m)
     return "harmony" if name == "o200k_harmony" else "plain"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# streaming text with stop strings
+
+
+def stream_text(tokens, decode, stop=()):
+    """Turn one row's stream of token ids into a stream of text pieces, ending exactly before the first stop
+    string. Text that could still grow into a stop string, or an unfinished UTF-8 character (decoded as
+    U+FFFD), is held back until it is settled. The generator's return value is "stop" or "length"."""
+    stop = [s for s in stop if s]
+    ids, sent = [], 0  # sent: characters of the decoded text already yielded
+    for token in tokens:
+        ids.append(token)
+        text = decode(ids)
+        hits = [i for i in (text.find(s, max(0, sent - len(s))) for s in stop) if i >= 0]
+        if hits:
+            if min(hits) > sent:
+                yield text[sent:min(hits)]
+            return "stop"
+        settled = len(text.rstrip("\ufffd"))
+        for s in stop:  # hold back a tail that is a prefix of a stop string
+            for n in range(min(len(s) - 1, settled - sent), 0, -1):
+                if text[settled - n:settled] == s[:n]:
+                    settled -= n
+                    break
+        if settled > sent:
+            yield text[sent:settled]
+            sent = settled
+    text = decode(ids)
+    if len(text) > sent:
+        yield text[sent:]
+    return "length"
