@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -520,6 +521,7 @@ class GPT(nn.Module):
         del self._residual_projections
         if config.lora_rank:
             self.add_lora()
+        self.gradient_checkpointing = False  # a training setting (train.py's gradient_checkpointing), not architecture
         self.aux_loss = None       # last training forward's load-balancing loss (detached), for logging
         self.lm_loss = None        # last forward's language-model loss (detached), for logging
 
@@ -646,7 +648,11 @@ class GPT(nn.Module):
         rope = self.rope(pos, x.dtype)
         router_logits = []
         for block in self.transformer.h:
-            x, logits = block(x, rope, cache)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # recompute this block's activations in the backward pass: memory for compute
+                x, logits = torch.utils.checkpoint.checkpoint(block, x, rope, cache, use_reentrant=False)
+            else:
+                x, logits = block(x, rope, cache)
             if logits is not None:
                 router_logits.append(logits)
         return self.transformer.ln_f(x), router_logits
