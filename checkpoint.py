@@ -1,0 +1,262 @@
+"""
+Checkpoints that survive crashes, and load_model() for sample.py / serve.py.
+
+A checkpoint is a directory, written whole and then swapped in with renames:
+
+    out_dir/
+        ckpt/                  the latest complete checkpoint
+            model.safetensors  the weights (safetensors: tied weights stored once)
+            config.json        {"format": "nanoforge", "model_config": GPTConfig dict, "iter_num",
+                               "best_val_loss", "seed", "init_from", "train_config", "files": {name: bytes}}
+            meta.json          the dataset's meta.json: which tokenizer (schema: tokenizer.py)
+            train_state.pt     optimizer(s) and grad-scaler state: tensors and plain values only,
+                               read back with torch.load(weights_only=True)
+        ckpt.tmp/              a save in progress; never read
+        ckpt.old/              the previous checkpoint, only between the two renames of a save
+        config.json, model.safetensors, meta.json    hard links to ckpt/'s files, so out_dir reads
+                               as a model folder too (each replaced atomically; a copy where links fail)
+        history.jsonl, loss.png    train.py's log (a JSON object per log line and eval) and loss curve
+
+save(): write every file into ckpt.tmp/ and fsync it, fsync the directory, rename ckpt -> ckpt.old,
+rename ckpt.tmp -> ckpt, fsync out_dir, delete ckpt.old. At every instant ckpt/ or ckpt.old/ is a
+complete checkpoint, so kill -9 anywhere, also mid-save, leaves one to load: find() takes ckpt/, and
+ckpt.old/ when a crash fell between the renames. The data stream and the dropout RNG of train.py are
+functions of (seed, iter_num), so those two numbers in config.json are the whole RNG and data state.
+
+config.json records every file's size, so a truncated file is caught before use; errors are raised as
+CheckpointError with one line naming the file.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model as load_safetensors_into, save_model as save_safetensors
+
+from model import GPT, GPTConfig
+
+FORMAT = "nanoforge"
+CKPT, TMP, OLD = "ckpt", "ckpt.tmp", "ckpt.old"
+CONFIG, WEIGHTS, META, TRAIN_STATE = "config.json", "model.safetensors", "meta.json", "train_state.pt"
+PUBLISHED = (CONFIG, WEIGHTS, META)  # what out_dir itself shows
+
+
+class CheckpointError(Exception):
+    """A missing, corrupt or mismatched checkpoint; the message is one line that names the file."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory; the renames are still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def write_text_atomic(path, text):
+    """Replace a file at once: write a temp file beside it, fsync, rename over it (history, plots, links)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(out_dir, model, info, meta, train_state=None):
+    """Write a checkpoint of `model` (the raw GPT, not a compiled or DDP wrapper) into out_dir/ckpt.
+
+    info: JSON-able metadata (iter_num, best_val_loss, train_config, ...); meta: the dataset's meta.json;
+    train_state: optimizer/scaler state dicts (tensors and plain values), or None for weights only."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp, cur, old = out / TMP, out / CKPT, out / OLD
+    shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way
+    tmp.mkdir()
+    save_safetensors(model, str(tmp / WEIGHTS))
+    _write_json(tmp / META, meta)
+    if train_state is not None:
+        torch.save(train_state, tmp / TRAIN_STATE)
+    files = sorted(p.name for p in tmp.iterdir())
+    for name in files:
+        _fsync(tmp / name)
+    config = {"format": FORMAT, "model_config": model.config.to_dict(), **info,
+              "files": {name: (tmp / name).stat().st_size for name in files}}
+    _write_json(tmp / CONFIG, config)
+    _fsync(tmp / CONFIG)
+    _fsync(tmp)
+    # the swap: from here on ckpt/ or ckpt.old/ is always a complete checkpoint
+    if cur.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(cur, old)
+    os.rename(tmp, cur)
+    _fsync(out)
+    shutil.rmtree(old, ignore_errors=True)
+    _publish(out, cur)
+    return cur
+
+
+def _publish(out, cur):
+    """out_dir/{config.json, model.safetensors, meta.json}: hard links to the new checkpoint's files."""
+    for name in PUBLISHED:
+        tmp = out / f".{name}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(cur / name, tmp)
+        except OSError:  # a filesystem without hard links: copy instead
+            shutil.copyfile(cur / name, tmp)
+            _fsync(tmp)
+        os.replace(tmp, out / name)
+    _fsync(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _is_ours(directory):
+    try:
+        with open(directory / CONFIG, encoding="utf-8") as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def find(path):
+    """The checkpoint directory for `path` (an out_dir, or a checkpoint directory itself), or None."""
+    path = Path(path)
+    for candidate in (path / CKPT, path / OLD):
+        if candidate.is_dir():
+            return candidate
+    if (path / CONFIG).is_file() and (path / WEIGHTS).is_file() and _is_ours(path):
+        return path
+    return None
+
+
+def read(path):
+    """The checkpoint's config.json as a dict (plus "dir"), after checking that every file is whole."""
+    ckpt = find(path)
+    if ckpt is None:
+        raise CheckpointError(f"no checkpoint in {path} (expected {Path(path) / CKPT / CONFIG}): "
+                              f"train one first, or check out_dir")
+    config_path = ckpt / CONFIG
+    try:
+        info = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config_path} is corrupt or truncated ({e}): restore it or retrain") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT or "model_config" not in info:
+        raise CheckpointError(f"{config_path} is not a nanoforge checkpoint config")
+    for name, size in info.get("files", {}).items():
+        file = ckpt / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing: the checkpoint is incomplete")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"{file} is truncated or corrupt ({file.stat().st_size} bytes, config.json "
+                                  f"says {size}): restore it or retrain")
+    info["dir"] = str(ckpt)
+    return info
+
+
+def model_config(info):
+    try:
+        return GPTConfig.from_dict(info["model_config"])
+    except (ValueError, TypeError, AssertionError) as e:
+        raise CheckpointError(f"{Path(info['dir']) / CONFIG}: bad model_config ({e})") from None
+
+
+def load_weights(model, info, device="cpu"):
+    """Load model.safetensors into `model`, which must be built from model_config(info)."""
+    path = Path(info["dir"]) / WEIGHTS
+    try:
+        load_safetensors_into(model, str(path), strict=True, device=str(device))
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({e})") from None
+    except RuntimeError as e:  # missing/unexpected keys or shapes: the weights do not fit config.json
+        detail = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{path} does not match the architecture in {CONFIG}: {detail}") from None
+    return model
+
+
+def load_meta(info):
+    path = Path(info["dir"]) / META
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is missing or corrupt ({e})") from None
+
+
+def load_train_state(info, device="cpu"):
+    """The optimizer/scaler state saved with the checkpoint (weights_only: nothing is unpickled)."""
+    path = Path(info["dir"]) / TRAIN_STATE
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: this checkpoint holds weights only, it cannot be resumed") \
+            from None
+    except Exception as e:  # truncated zip, bad pickle opcodes, ...: torch raises several kinds
+        raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# load_model: our checkpoints and Hugging Face ones, for inference
+
+
+def hf_tokenizer(config):
+    """The tiktoken encoding of a Hugging Face checkpoint with this architecture, or None for Gemma 3,
+    whose SentencePiece tokenizer is not tiktoken."""
+    import hf
+    return {"gpt2": "gpt2", "gpt_oss": "o200k_harmony"}.get(hf.family_of(config))
+
+
+def _meta_for(tokenizer_name):
+    from tokenizer import load_tokenizer, make_meta
+    return make_meta(load_tokenizer({"tokenizer": tokenizer_name}))
+
+
+def load_model(path, device="cpu", dtype=torch.float32, tokenizer=None):
+    """(model in eval mode, tokenizer meta) from an out_dir / checkpoint directory of ours, or a Hugging Face
+    directory or hub id. tokenizer: a tokenizer name ('gpt2', 'char' needs a meta) or a meta dict that
+    overrides the checkpoint's; needed for Hugging Face Gemma, whose own tokenizer is not tiktoken."""
+    if isinstance(tokenizer, str):
+        tokenizer = _meta_for(tokenizer)
+    if find(path) is not None:
+        info = read(path)
+        model = load_weights(GPT(model_config(info)), info)
+        meta = tokenizer or load_meta(info)
+    else:
+        if Path(path).exists() and not (Path(path) / CONFIG).is_file():
+            raise CheckpointError(f"{path} holds neither a nanoforge checkpoint ({CKPT}/{CONFIG}) nor a "
+                                  f"Hugging Face model (config.json)")
+        model = GPT.from_pretrained(str(path), dtype=dtype, device=device)
+        meta = tokenizer or _hf_meta(path, model.config)
+    if meta.get("vocab_size", 0) > model.config.vocab_size:
+        raise CheckpointError(f"tokenizer {meta.get('tokenizer')!r} has {meta['vocab_size']} tokens but the model "
+                              f"in {path} only {model.config.vocab_size}")
+    return model.to(device=device, dtype=dtype).eval(), meta
+
+
+def _hf_meta(path, config):
+    local_meta = Path(path) / META  # a meta.json put beside a Hugging Face model names its tokenizer
+    if local_meta.is_file():
+        return json.loads(local_meta.read_text(encoding="utf-8"))
+    name = hf_tokenizer(config)
+    if name is None:
+        raise CheckpointError(f"{path} is a Gemma model, whose SentencePiece tokenizer is not tiktoken: "
+                              f"name a tokenizer (e.g. --tokenizer=gpt2 for gemma3-compact) or put a "
+                              f"meta.json beside it")
+    return _meta_for(name)
+

@@ -1,0 +1,1282 @@
+"""
+An OpenAI-compatible server for nanoforge checkpoints (trained out_dirs and Hugging Face directories of every
+family), with continuous batching: concurrent requests share the model, one token per active row per step.
+
+    python serve.py --init_from=out-shakespeare-char --port=8000 --model_name=shakespeare
+    python serve.py --model small=out-small --model gemma=path/to/gemma-3-270m      # several models by name
+    python serve.py --init_from=out --upstream http://127.0.0.1:8001/v1 --fallback small   # forward the rest
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.completions.create(model="shakespeare", prompt="ROMEO:", max_tokens=50, stop=["\\n\\n"])
+    client.chat.completions.create(model="gemma", messages=[{"role": "user", "content": "Hi"}], stream=True)
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both also with stream: true, as
+server-sent events ending in `data: [DONE]`), GET /health. Parameters: model, prompt / messages, max_tokens
+(max_completion_tokens), temperature, top_p, top_k (an extension, as vLLM), stop, seed, n, stream,
+stream_options.include_usage. Errors are OpenAI-style: {"error": {"message", "type", "param", "code"}}.
+Chat renders messages in the model's chat format (tokenizer.render_prompt: plain for GPT-2, gemma, harmony for
+GPT-OSS; --chat_format overrides) and stops at the format's stop tokens and strings. A completion without
+max_tokens gets 16 tokens (as OpenAI's), a chat reply up to --default_max_tokens (256).
+
+- --api_key KEY: /v1/* need `Authorization: Bearer KEY` (401 otherwise); /health stays open.
+- --upstream URL: requests for models not served here go to that OpenAI-compatible server (vLLM, another
+  serve.py), streams passed through as they come; its models join /v1/models. When it cannot be reached,
+  --fallback NAME answers from a local model instead (else 503). /health reports the upstream's state.
+- --trace_file (default out-serve/trace.jsonl): one JSON line per completion request, flushed as written:
+  time, endpoint, model, route (local/upstream/fallback), stream, prompt_tokens, completion_tokens,
+  latency_s, status (HTTP status; 499 = the client hung up and its rows were dropped), finish_reason, error.
+- On CPU the model gets one thread fewer than there are cores (--threads), so the HTTP side keeps a core:
+  oversubscribed, torch's parallel ops stall at their barriers and run several times slower.
+
+How it works, top to bottom:
+- SlotCache: the KV cache of the batch. Rows are request slots that come and go; all rows share one column
+  clock `col`, and each row keeps its own left offset `start`, so a row that joins mid-flight has its prompt
+  in columns [col - L, col) and then decodes in lockstep with everyone else. It obeys the protocol that
+  model.py's attention calls (positions / begin / update / advance), so GPT.forward_cached runs on it as is.
+- Batcher: one background thread owns a model. Each step it admits waiting rows (one prefill forward for all
+  of them), then decodes one token for every active row at once; tokens go back to each request's queue.
+  Every row samples with its own settings in one batched pass (sample_rows); a seeded row draws from its
+  own RNG, so its draws do not depend on what else is in the batch.
+- BatchedHead (CPU): the output head in the matrix layout that suits the batch size (see its docstring).
+- The HTTP layer (FastAPI on uvicorn): validation, chat rendering, SSE, upstream forwarding, a JSONL trace.
+"""
+
+import argparse
+import asyncio
+import collections
+import hmac
+import json
+import os
+import random
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the batch's KV cache: request rows come and go, one shared column clock
+
+
+class SlotCache:
+    """Keys and values (rows, kv_heads, width, head_dim) per layer for continuous batching.
+
+    Active rows occupy slots 0..n-1 (a finished row's slot is filled by the last row, so the active rows are
+    always a prefix and a decode step works on views, never on gathered copies). Every row's newest token is at
+    column col - 1; row b's tokens start at column start[b]: position = column - start[b], and columns before
+    start[b] (what earlier occupants of the slot left there) are masked out. A decode step writes column col
+    for every row, then col += 1. New rows are prefilled together, right-aligned so their prompts end at col.
+    When the columns run out the live span is slid left (the same shift for every row, so alignment holds)
+    and, if it still does not fit, the tensors grow. Sliding-window layers keep every column like full ones
+    (no ring buffer: the rows' offsets differ) but attend over only the last `window` of them.
+
+    One forward = set_prefill(...) or set_decode(), then GPT.forward_cached: positions(T), begin(T), each
+    layer's update(), advance().
+    """
+
+    def __init__(self, model, rows=4, width=256):
+        cfg, p = model.config, model.lm_head.weight
+        self.n_layer, self.kv_heads, self.hd, self.window = cfg.n_layer, cfg.kv_heads, cfg.hd, cfg.sliding_window
+        self.sliding = [cfg.layer_kind(i) == "S" for i in range(cfg.n_layer)]
+        self.dtype, self.device = p.dtype, p.device
+        self.max_width = 2 * cfg.block_size  # longest row (<= block_size) + longest remaining run (<= block_size)
+        self.rows, self.width = 0, 0
+        self.k, self.v = [], []
+        self.start = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.col, self.n = 0, 0  # column clock, active rows
+        self._alloc(rows, min(width, self.max_width))
+
+    def _alloc(self, rows, width):
+        """(Re)allocate to rows x width, keeping the live columns of the active rows where they are."""
+        shape = (rows, self.kv_heads, width, self.hd)
+        live = self.col  # columns [0, col) may hold live keys
+        for store in (self.k, self.v):
+            for i in range(self.n_layer):
+                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if store and self.n:
+                    new[:self.n, :, :live] = store[i][:self.n, :, :live]
+                if len(store) < self.n_layer:
+                    store.append(new)
+                else:
+                    store[i] = new
+        start = torch.zeros(rows, dtype=torch.long, device=self.device)
+        start[:self.n] = self.start[:self.n]
+        self.start, self.rows, self.width = start, rows, width
+
+    def memory_bytes(self):
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def span(self):
+        """Columns the longest active row occupies (0 when there are none)."""
+        return self.col - int(self.start[:self.n].min()) if self.n else 0
+
+    def relayout(self, new_col):
+        """Slide every active row's columns by new_col - col (rows stay right-aligned at the clock)."""
+        shift, span = new_col - self.col, self.span()
+        if shift == 0:
+            return
+        if self.n and span:
+            for store in (self.k, self.v):
+                for t in store:
+                    t[:self.n, :, new_col - span:new_col] = t[:self.n, :, self.col - span:self.col].clone()
+        self.start[:self.n] += shift
+        self.col = new_col
+
+    def reserve(self, new_rows, prompt_len, need):
+        """Make room for new_rows rows whose prompts (up to prompt_len tokens) will end at the clock, and for
+        every row to write `need` more columns. The clock moves back to the longest row's length (compaction)
+        when a prompt does not fit before it, the run does not fit after it, or most columns are dead."""
+        if self.n == 0:
+            self.col = 0
+        longest = max(self.span(), prompt_len)
+        col = self.col
+        if col < prompt_len or col + need > self.width or col > 2 * longest + 64:
+            col = longest
+        rows, width = self.rows, self.width
+        while rows < self.n + new_rows:
+            rows *= 2
+        if col + need > width:  # col <= block_size and need <= block_size, so this fits in max_width
+            width = max(min(2 * width, self.max_width), col + need)
+        if (rows, width) != (self.rows, self.width):
+            self._alloc(rows, width)
+        self.relayout(col)
+
+    def move_row(self, src, dst):
+        """Copy slot src into slot dst (a finished row's slot gets the last row)."""
+        for store in (self.k, self.v):
+            for t in store:
+                t[dst, :, :self.col] = t[src, :, :self.col]
+        self.start[dst] = self.start[src]
+
+    # -- what one forward sees -------------------------------------------------------------------------------
+
+    def set_prefill(self, first_row, lengths):
+        """The next forward prefills rows first_row.. with prompts of these lengths, left-padded to the
+        longest and ending at the clock."""
+        L = max(lengths)
+        self.rows_slice = slice(first_row, first_row + len(lengths))
+        self.start[self.rows_slice] = self.col - torch.tensor(lengths, device=self.device)
+        self.qcols = torch.arange(self.col - L, self.col, device=self.device)
+        self.prefill = True
+
+    def set_decode(self):
+        """The next forward feeds one token to every active row, at column col."""
+        self.rows_slice = slice(0, self.n)
+        self.qcols = torch.arange(self.col, self.col + 1, device=self.device)
+        self.prefill = False
+
+    def positions(self, T):
+        start = self.start[self.rows_slice].unsqueeze(1)
+        return (self.qcols.unsqueeze(0) - start).clamp(min=0)  # (B, T); padding columns get position 0
+
+    def begin(self, T):
+        start = self.start[self.rows_slice].view(-1, 1, 1, 1)
+        q = self.qcols.view(1, 1, -1, 1)
+        if self.prefill:  # keys: the new tokens themselves (the new rows have no past)
+            k = self.qcols.view(1, 1, 1, -1)
+            ok = (k <= q) & (k >= start)
+            self.full_mask = ok | (k == q)  # a padding query sees itself, so its (unused) output stays finite
+            if self.window:
+                self.sliding_mask = (ok & (k > q - self.window)) | (k == q)
+        else:  # keys: every column up to the clock (full) or the last `window` of them (sliding)
+            self.lo = max(0, self.col - self.window + 1) if self.window else 0
+            self.full_mask = torch.arange(self.col + 1, device=self.device).view(1, 1, 1, -1) >= start
+            self.sliding_mask = self.full_mask[..., self.lo:]
+        return self
+
+    def update(self, layer, k, v):
+        K, V, rows = self.k[layer], self.v[layer], self.rows_slice
+        if self.prefill:
+            K[rows, :, self.col - k.size(2):self.col] = k
+            V[rows, :, self.col - k.size(2):self.col] = v
+            return k, v, self.sliding_mask if self.sliding[layer] else self.full_mask
+        K[rows, :, self.col] = k[:, :, 0]
+        V[rows, :, self.col] = v[:, :, 0]
+        lo = self.lo if self.sliding[layer] else 0
+        end = self.col + 1
+        return K[rows, :, lo:end], V[rows, :, lo:end], self.sliding_mask if self.sliding[layer] else self.full_mask
+
+    def advance(self):
+        if not self.prefill:
+            self.col += 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# text out of tokens, with stop strings
+
+
+class TextStream:
+    """Incremental detokenization: push token ids, get the text that is safe to send. Text that could still
+    become a stop string, or an unfinished UTF-8 character, is held back; a stop string ends the text exactly
+    before it."""
+
+    def __init__(self, tokenizer, stops):
+        self.tok, self.stops = tokenizer, [s for s in stops if s]
+        self.ids, self.text, self.sent = [], "", 0
+
+    def push(self, token):
+        """Returns (new text, whether a stop string was hit)."""
+        self.ids.append(token)
+        self.text = self.tok.decode(self.ids)
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+        if hits:
+            cut = min(hits)
+            out, self.sent, self.text = self.text[self.sent:cut], cut, self.text[:cut]
+            return out, True
+        end = max(self.sent, len(self.text.rstrip("\ufffd")))  # U+FFFD at the end: a character still coming
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, end - self.sent), hold, -1):
+                if self.text.startswith(s[:k], end - k):
+                    hold = k
+                    break
+        end -= hold
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out, False
+
+    def flush(self):
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sampling: every row with its own settings, in one batched pass
+
+
+def sample_rows(logits, rows, rng):
+    """One token id per row of logits (B, V). Each row has its own temperature (0: greedy), top_k and top_p,
+    with model.sample_next's semantics (top-k, then the nucleus: drop tokens whose preceding mass exceeds top_p).
+    Sampling is by inverse CDF with one uniform per row, drawn from the row's own random.Random when it has a
+    seed (so a seeded request repeats whatever else is in the batch), else from `rng`."""
+    temps = [r.temperature for r in rows]
+    if all(t == 0 for t in temps):
+        return logits.argmax(dim=-1).tolist()
+    B, V = logits.shape
+    device = logits.device
+    z = logits.float() / torch.tensor([t or 1.0 for t in temps], device=device).unsqueeze(1)
+    top_ks = [r.top_k if r.top_k and r.top_k < V else V for r in rows]
+    if min(top_ks) < V:
+        values = torch.topk(z, max(k for k in top_ks if k < V), dim=-1).values
+        kth = values.gather(1, torch.tensor([min(k, values.size(1)) - 1 for k in top_ks], device=device).unsqueeze(1))
+        keep_all = torch.tensor([k >= V for k in top_ks], device=device).unsqueeze(1)
+        z = z.masked_fill(~keep_all & (z < kth), float("-inf"))
+    # u < 1 - 2^-22 keeps u * total below the float32 total, so the pick is a token of nonzero probability
+    u = torch.tensor([min((r.rng or rng).random(), 1 - 2**-22) for r in rows], device=device).unsqueeze(1)
+    if any(r.top_p is not None for r in rows):
+        z, order = z.sort(dim=-1, descending=True)
+        probs = z.softmax(dim=-1)
+        p = torch.tensor([r.top_p if r.top_p is not None else float("inf") for r in rows], device=device)
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs > p.unsqueeze(1), 0.0)
+    else:
+        order, probs = None, z.softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=V - 1)
+    tokens = (pick if order is None else order.gather(1, pick))[:, 0]
+    if any(t == 0 for t in temps):
+        tokens = torch.where(torch.tensor([t == 0 for t in temps], device=device), logits.argmax(dim=-1), tokens)
+    return tokens.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the batcher: one thread owns the model
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence to decode: one choice of one request."""
+    req: "GenRequest"
+    index: int                  # the choice's index in the response
+    prompt: list
+    max_new: int
+    temperature: float
+    top_p: float | None
+    top_k: int | None
+    rng: random.Random | None   # the row's own uniforms, when the request has a seed
+    stop_ids: frozenset
+    text: TextStream
+    produced: int = 0
+    last: int = -1              # the last sampled token, fed at the next step
+    done: bool = False
+
+
+class GenRequest:
+    """A request's rows and the asyncio queue their events go to. Events, from the worker thread:
+    ("text", index, text), ("done", index, finish_reason, completion_tokens), ("error", message); and
+    ("gone",) from the request's own watchdog when the client hangs up."""
+
+    def __init__(self, loop):
+        self.loop, self.queue = loop, asyncio.Queue()
+        self.rows, self.cancelled = [], False
+
+    def cancel(self):
+        self.cancelled = True  # the worker drops this request's rows at its next step
+
+
+def _deliver(events):
+    for req, event in events:
+        req.queue.put_nowait(event)
+
+
+def deliver(events):
+    """Hand a step's events to their event loops: one wake-up per loop and step, not one per token."""
+    by_loop = collections.defaultdict(list)
+    for req, event in events:
+        by_loop[req.loop].append((req, event))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, items)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            for req, _ in items:
+                req.cancelled = True
+
+
+class Batcher:
+    """Continuous batching over a SlotCache. Each step: drop cancelled rows, admit waiting rows (one prefill
+    forward for all that fit, their first tokens sampled from it), then one decode forward for every active
+    row. A row leaves the batch as soon as it finishes, and its slot is reused at the next step."""
+
+    def __init__(self, model, name="model", max_batch=16, max_prefill_tokens=4096):
+        self.model, self.name = model, name
+        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.cache = SlotCache(model, rows=min(4, max_batch))
+        self.active, self.waiting = [], collections.deque()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.steps = 0
+        self.rng = random.Random()  # the uniforms of rows without a seed
+        self.outbox = []  # (request, event) pairs of the current step
+        self.thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+        self.thread.start()
+
+    def submit(self, req):
+        with self.cond:
+            self.waiting.extend(req.rows)
+            self.cond.notify()
+
+    def stop(self):
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout=10)
+
+    def load(self):
+        return {"active": len(self.active), "waiting": len(self.waiting), "cache_columns": self.cache.width,
+                "cache_rows": self.cache.rows}
+
+    # -- the worker ------------------------------------------------------------------------------------------
+
+    def _run(self):
+        while True:
+            with self.cond:
+                while not self.stopping and not self.waiting and not self.active:
+                    self.cond.wait()
+                if self.stopping:
+                    break
+                admit = self._take()
+            try:
+                with torch.inference_mode():
+                    self._drop_cancelled()
+                    if admit:
+                        self._prefill(admit)
+                    if self.active:
+                        self._decode()
+                self.steps += 1
+            except Exception as e:  # a failed forward fails the rows in flight, not the server
+                message = f"generation failed: {type(e).__name__}: {e}"
+                print(f"serve: {self.name}: {message}", file=sys.stderr, flush=True)
+                for row in {*self.active, *admit}:
+                    if not row.done:
+                        row.done = True
+                        self.outbox.append((row.req, ("error", message)))
+                self.active, self.cache.n, self.cache.col = [], 0, 0
+            self._flush()
+
+    def _flush(self):
+        if self.outbox:
+            deliver(self.outbox)
+            self.outbox = []
+
+    def _take(self):
+        """Waiting rows that fit this step: free slots, and a budget of prefill tokens (at least one row)."""
+        taken, tokens = [], 0
+        while self.waiting and len(self.active) + len(taken) < self.max_batch:
+            row = self.waiting[0]
+            if row.req.cancelled:
+                self.waiting.popleft()
+                continue
+            if taken and tokens + len(row.prompt) > self.max_prefill_tokens:
+                break
+            taken.append(self.waiting.popleft())
+            tokens += len(row.prompt)
+        return taken
+
+    def _drop_cancelled(self):
+        for i in reversed(range(len(self.active))):
+            if self.active[i].req.cancelled:
+                self.active[i].done = True
+                self._remove(i)
+
+    def _remove(self, i):
+        last = len(self.active) - 1
+        if i != last:
+            self.cache.move_row(last, i)
+            self.active[i] = self.active[last]
+        self.active.pop()
+        self.cache.n -= 1
+
+    def _need(self, rows):
+        return max(row.max_new - row.produced for row in rows)
+
+    def _prefill(self, rows):
+        cache, device = self.cache, self.cache.device
+        lengths = [len(r.prompt) for r in rows]
+        L = max(lengths)
+        cache.reserve(len(rows), L, self._need(self.active + rows))
+        n = cache.n
+        idx = torch.tensor([[0] * (L - len(r.prompt)) + r.prompt for r in rows], device=device)
+        cache.set_prefill(n, lengths)
+        cache.n = n + len(rows)
+        self.active.extend(rows)
+        logits = self.model.forward_cached(idx, cache)
+        self._sample_and_emit(logits, list(range(n, n + len(rows))))
+
+    def _decode(self):
+        cache = self.cache
+        idx = torch.tensor([[r.last] for r in self.active], device=cache.device)
+        cache.set_decode()
+        logits = self.model.forward_cached(idx, cache)
+        self._sample_and_emit(logits, list(range(len(self.active))))
+
+    def _sample(self, logits, rows):
+        return sample_rows(logits, rows, self.rng)
+
+    def _sample_and_emit(self, logits, slots):
+        rows = [self.active[s] for s in slots]
+        finished = []
+        for slot, row, token in zip(slots, rows, self._sample(logits, rows)):
+            row.produced += 1
+            row.last = token
+            if token in row.stop_ids:  # a stop token ends the text; it is not part of it
+                text, reason = row.text.flush(), "stop"
+            else:
+                text, hit = row.text.push(token)
+                reason = "stop" if hit else "length" if row.produced >= row.max_new else None
+                if reason == "length":
+                    text += row.text.flush()
+            if text:
+                self.outbox.append((row.req, ("text", row.index, text)))
+            if reason is not None:
+                row.done = True
+                self.outbox.append((row.req, ("done", row.index, reason, row.produced)))
+                finished.append(slot)
+        for slot in sorted(finished, reverse=True):
+            self._remove(slot)
+        self._flush()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# models: load a checkpoint, its tokenizer and its chat format
+
+
+@dataclass(eq=False)
+class LocalModel:
+    name: str
+    path: str
+    model: object
+    tokenizer: object
+    chat_format: str
+    batcher: Batcher
+    completion_stop_ids: frozenset   # <|endoftext|> ends a plain completion
+    chat_stop_ids: frozenset
+    chat_stop_strings: list
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def block_size(self):
+        return self.model.config.block_size
+
+
+class BatchedHead(torch.nn.Module):
+    """The output head for batched decoding on CPU, where it is most of a step's work (V x C, V ~ 50k-260k).
+    MKL's matmul packs the big operand when several rows come at once, so x @ W.T costs about as much for
+    8 rows as a pass over W does 3 times over; W @ x.T on a row-major W streams it once. One row is fastest on
+    the transposed copy that GPT.use_decode_layout makes. So this head keeps both layouts (one extra copy of
+    the head matrix) and picks per call; the values are the same."""
+
+    def __init__(self, lm_head):
+        super().__init__()
+        self.weight, self.bias = lm_head.weight, lm_head.bias  # whatever layout; tied embeddings stay tied
+        w = lm_head.weight.detach()  # each layout below is a view of w when w already has it, else a copy
+        self.register_buffer("rows", w if w.is_contiguous() else w.contiguous(), persistent=False)  # (V, C)
+        self.register_buffer("cols", w.t() if w.t().is_contiguous() else w.t().contiguous(), persistent=False)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.size(-1))
+        y = flat @ self.cols if flat.size(0) == 1 else (self.rows @ flat.t()).t()
+        y = y if self.bias is None else y + self.bias
+        return y.reshape(*x.shape[:-1], y.size(-1))
+
+
+def _family(model, path):
+    """The model's Hugging Face family (gpt2, gemma3_text, gpt_oss), which picks the default chat format."""
+    import hf
+    try:
+        return hf.family_of(model.config)
+    except ValueError:  # a config no HF architecture expresses: let the path speak
+        return str(path)
+
+
+def load_local_model(name, path, device, dtype, chat_format=None, tokenizer=None, max_batch=16,
+                     max_prefill_tokens=4096):
+    """A checkpoint (out_dir or Hugging Face directory / hub id, via checkpoint.load_model) with its tokenizer,
+    chat format and a batcher of its own."""
+    import checkpoint
+    import tokenizer as tokenizer_lib
+    model, meta = checkpoint.load_model(path, device, dtype, tokenizer=tokenizer)
+    if torch.device(device).type == "cpu":
+        if hasattr(model, "use_decode_layout"):
+            model.use_decode_layout()  # faster one-token matmuls on CPU
+        model.lm_head = BatchedHead(model.lm_head)
+    tok = tokenizer_lib.load_tokenizer(meta)
+    chat_format = chat_format or tokenizer_lib.default_chat_format(meta, _family(model, path))
+    try:
+        chat_stop_ids = tokenizer_lib.stop_tokens(tok, chat_format)
+        chat_stop_strings = tokenizer_lib.stop_strings(tok, chat_format)
+    except ValueError as e:
+        raise ValueError(f"chat format {chat_format!r} does not fit this model's tokenizer: {e}") from None
+    eot = frozenset([tok.eot_token] if tok.eot_token is not None else [])
+    batcher = Batcher(model, name, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens)
+    return LocalModel(name, str(path), model, tok, chat_format, batcher, eot, frozenset(chat_stop_ids),
+                      list(chat_stop_strings))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OpenAI-style errors and request validation
+
+
+class APIError(Exception):
+    def __init__(self, status, message, type="invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self):
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was complete."""
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number(body, key, default, lo, hi, integer=False):
+    value = body.get(key)
+    if value is None:
+        return default
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool) or not lo <= value <= hi:
+        kind = "an integer" if integer else "a number"
+        raise APIError(400, f"'{key}' must be {kind} between {lo} and {hi}, got {value!r}", param=key,
+                       code="invalid_value")
+    return value
+
+
+def _tokenize(param, fn, *args, **kwargs):
+    """Run a tokenizer call on client text; its complaints (tokenizer.py's char tokenizer exits on a character
+    outside the vocabulary, the chat renderer raises ValueError) become a 400 naming `param`."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, KeyError, SystemExit) as e:
+        message = str(e.code if isinstance(e, SystemExit) else e).removeprefix("error: ")
+        raise APIError(400, message, param=param, code="invalid_value") from None
+
+
+@dataclass
+class GenSpec:
+    prompts: list          # token id lists, one per prompt
+    n: int
+    max_tokens: list       # per prompt
+    temperature: float
+    top_p: float | None
+    top_k: int | None
+    stops: list
+    stop_ids: frozenset
+    seed: int | None
+    stream: bool
+    include_usage: bool
+
+
+def _message_text(content, i):
+    """A message's content as text: a string, or the text parts of a list of content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                         isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    if content is None:
+        return ""
+    raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
+                   param=f"messages.{i}.content", code="invalid_value")
+
+
+def parse_request(lm, body, chat, default_max_tokens):
+    """Validate an OpenAI request body against a local model; raises APIError (400) on bad input."""
+    import tokenizer as tokenizer_lib
+    tok, block = lm.tokenizer, lm.block_size
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "'messages' must be a non-empty list of messages", param="messages",
+                           code="invalid_value")
+        msgs = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise APIError(400, f"messages[{i}] must be an object", param=f"messages.{i}", code="invalid_value")
+            msgs.append({"role": m.get("role"), "content": _message_text(m.get("content"), i)})
+        prompts = [_tokenize("messages", tokenizer_lib.render_prompt, tok, msgs, lm.chat_format)]
+        param = "messages"
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+            prompt = [prompt]  # one prompt of token ids
+        if not isinstance(prompt, list) or not prompt:
+            raise APIError(400, "'prompt' must be a string, a list of strings, or token ids", param="prompt",
+                           code="invalid_value")
+        prompts = []
+        for p in prompt:
+            if isinstance(p, str):
+                ids = _tokenize("prompt", tok.encode, p, allow_special=tok.name != "char")
+            elif isinstance(p, list) and all(_is_int(t) for t in p):
+                if any(not 0 <= t < lm.model.config.vocab_size for t in p):
+                    raise APIError(400, "prompt token ids must be in [0, vocab_size)", param="prompt",
+                                   code="invalid_value")
+                ids = list(p)
+            else:
+                raise APIError(400, "'prompt' must be a string, a list of strings, or token ids", param="prompt",
+                               code="invalid_value")
+            if not ids:  # an empty prompt starts a new document
+                if tok.eot_token is None:
+                    raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
+                ids = [tok.eot_token]
+            prompts.append(ids)
+        param = "prompt"
+    longest = max(len(p) for p in prompts)
+    if longest >= block:
+        raise APIError(400, f"This model's maximum context length is {block} tokens, but the {param} has "
+                       f"{longest} tokens, leaving no room for a completion.", param=param,
+                       code="context_length_exceeded")
+    key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    requested = _number(body, key, None, 1, 10**9, integer=True)
+    if requested is not None and longest + requested > block:
+        raise APIError(400, f"This model's maximum context length is {block} tokens. However, you requested "
+                       f"{longest + requested} tokens ({longest} in the {param}, {requested} in the completion). "
+                       f"Please reduce the {param} or the completion length.", param=key,
+                       code="context_length_exceeded")
+    default = default_max_tokens if chat else 16
+    max_tokens = [requested or min(default, block - len(p)) for p in prompts]
+    stop = body.get("stop")
+    if stop is None:
+        stops = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 16:
+        stops = list(stop)
+    else:
+        raise APIError(400, "'stop' must be a string or a list of up to 16 strings", param="stop", code="invalid_value")
+    stops = [s for s in stops if s]
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, "'stream' must be a boolean", param="stream", code="invalid_value")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise APIError(400, "'stream_options' must be an object", param="stream_options", code="invalid_value")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise APIError(400, "'seed' must be an integer", param="seed", code="invalid_value")
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    if top_p == 0:
+        raise APIError(400, "'top_p' must be greater than 0", param="top_p", code="invalid_value")
+    top_k = _number(body, "top_k", None, -1, 10**9, integer=True)
+    stop_ids = lm.chat_stop_ids if chat else lm.completion_stop_ids
+    n = _number(body, "n", 1, 1, 128, integer=True)
+    if len(prompts) * n > 256:
+        raise APIError(400, f"{len(prompts)} prompts x n={n} asks for more than 256 completions in one request",
+                       param="n", code="invalid_value")
+    return GenSpec(prompts=prompts, n=n, max_tokens=max_tokens,
+                   temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
+                   top_p=None if top_p >= 1.0 else float(top_p), top_k=top_k if top_k and top_k > 0 else None,
+                   stops=stops + (lm.chat_stop_strings if chat else []), stop_ids=stop_ids, seed=seed,
+                   stream=stream, include_usage=bool(options.get("include_usage")))
+
+
+def make_rows(lm, spec, req):
+    """A row per (prompt, choice); choice index = prompt_index * n + j, as OpenAI numbers them."""
+    rows = []
+    for p, (ids, max_new) in enumerate(zip(spec.prompts, spec.max_tokens)):
+        for j in range(spec.n):
+            index = p * spec.n + j
+            rng = random.Random(spec.seed + index) if spec.seed is not None else None
+            rows.append(Row(req, index, ids, max_new, spec.temperature, spec.top_p, spec.top_k, rng,
+                            spec.stop_ids, TextStream(lm.tokenizer, spec.stops)))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the trace: one JSON line per request, flushed as written
+
+
+class TraceLog:
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.lock = threading.Lock()
+
+    def write(self, record):
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        with self.lock:
+            self.file.write(line)
+            self.file.flush()
+
+    def close(self):
+        with self.lock:
+            self.file.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the HTTP layer
+
+
+def sse(obj):
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def watch(req, request, poll=0.5):
+    """Runs beside a request: every `poll` seconds, asks whether the client is still there; when it is not,
+    queues ("gone",) so the handler stops (and its rows leave the batch)."""
+    while not req.cancelled:
+        await asyncio.sleep(poll)
+        if await request.is_disconnected():
+            req.queue.put_nowait(("gone",))
+            return
+
+
+async def next_event(req):
+    """The next event for this request; raises ClientGone when the client has hung up."""
+    event = await req.queue.get()
+    if event[0] == "gone":
+        raise ClientGone()
+    return event
+
+
+def EventStream(events, close, media_type="text/event-stream"):
+    """A StreamingResponse of server-sent events that always runs close() when it ends: normally the
+    generator's own `finally` does, but a client that hangs up before the first event is sent leaves the
+    generator unstarted, and then only the response knows."""
+    from starlette.responses import StreamingResponse
+
+    class _EventStream(StreamingResponse):
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                await close()
+
+    return _EventStream(events, media_type=media_type, headers={"cache-control": "no-cache",
+                                                                 "x-accel-buffering": "no"})
+
+
+class Upstream:
+    """An OpenAI-compatible server (vLLM, another serve.py) for the models not served here."""
+
+    def __init__(self, url, api_key=None):
+        import httpx
+        base = url.rstrip("/")
+        self.url = base.removesuffix("/v1")
+        self.api_key = api_key
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0), trust_env=False)
+        self.state = {"url": url, "status": "unknown", "checked": None, "error": None}
+
+    def mark(self, up, error=None):
+        self.state.update(status="up" if up else "down", checked=time.time(), error=error)
+
+    def headers(self, request):
+        headers = {"content-type": "application/json"}
+        if self.api_key:
+            headers["authorization"] = f"Bearer {self.api_key}"
+        elif request is not None and request.headers.get("authorization"):
+            headers["authorization"] = request.headers["authorization"]
+        return headers
+
+    async def check(self, timeout=2.0):
+        """Ask the upstream for its models: the health probe, and its model list."""
+        import httpx
+        try:
+            r = await self.client.get(f"{self.url}/v1/models", headers=self.headers(None), timeout=timeout)
+        except httpx.HTTPError as e:
+            self.mark(False, f"{type(e).__name__}: {e}")
+            return None
+        self.mark(r.status_code < 500, None if r.status_code < 500 else f"HTTP {r.status_code}")
+        try:
+            return r.json().get("data") if r.status_code == 200 else None
+        except ValueError:
+            return None
+
+    async def open(self, path, body_bytes, request):
+        """Send the request on; returns the httpx response (headers read, body not yet), or None when the
+        upstream cannot be reached."""
+        import httpx
+        req = self.client.build_request("POST", f"{self.url}{path}", content=body_bytes,
+                                        headers=self.headers(request))
+        try:
+            resp = await self.client.send(req, stream=True)
+        except httpx.TransportError as e:
+            self.mark(False, f"{type(e).__name__}: {e}")
+            return None
+        self.mark(True)  # it answered: errors it sends back are the client's to see
+        return resp
+
+
+class App:
+    """The server's state: local models, the upstream, the trace, the settings."""
+
+    def __init__(self, models, upstream=None, fallback=None, api_key=None, trace=None, default_max_tokens=256):
+        self.models = {lm.name: lm for lm in models}
+        self.default = models[0].name if models else None
+        self.upstream, self.fallback, self.api_key = upstream, fallback, api_key
+        self.trace, self.default_max_tokens = trace, default_max_tokens
+
+    def log(self, record):
+        if self.trace is not None:
+            self.trace.write(record)
+
+    def check_auth(self, request):
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+
+    # -- POST /v1/completions and /v1/chat/completions -----------------------------------------------------------
+
+    async def generate(self, request, chat):
+        from fastapi.responses import JSONResponse, Response
+        t0 = time.time()
+        record = {"time": t0, "endpoint": request.url.path, "model": None, "route": "local", "stream": False,
+                  "prompt_tokens": None, "completion_tokens": None, "latency_s": None, "status": None}
+
+        def done(status, error=None, **extra):
+            record.update(status=status, latency_s=round(time.time() - t0, 4), **extra)
+            if error:
+                record["error"] = error
+            self.log(record)
+
+        try:
+            self.check_auth(request)
+            raw = await request.body()
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise APIError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
+            if not isinstance(body, dict):
+                raise APIError(400, "The request body must be a JSON object", code="invalid_json")
+            name = body.get("model", self.default)
+            if not isinstance(name, str):
+                raise APIError(400, "'model' must be a string", param="model", code="invalid_value")
+            record["model"], record["stream"] = name, body.get("stream") is True
+            if name not in self.models:
+                if self.upstream is None:
+                    raise APIError(404, f"The model '{name}' does not exist (served here: "
+                                   f"{', '.join(self.models) or 'none'})", param="model", code="model_not_found")
+                response = await self.forward(request, raw, body, record, done)
+                if response is not None:
+                    return response
+                if self.fallback is None:
+                    raise APIError(503, f"The upstream server {self.upstream.state['url']} is unreachable "
+                                   f"({self.upstream.state['error']})", type="upstream_error", code="upstream_down")
+                record.update(route="fallback", requested_model=name, model=self.fallback)
+                name = self.fallback
+            return await self.local(request, self.models[name], body, chat, record, done)
+        except APIError as e:
+            done(e.status, e.message)
+            return JSONResponse(e.body(), status_code=e.status)
+        except ClientGone:
+            done(499, "client disconnected")
+            return Response(status_code=499)
+        except Exception as e:  # a bug: the handler below answers 500; the trace says so too
+            if record["status"] is None:
+                done(500, f"{type(e).__name__}: {e}")
+            raise
+
+    async def local(self, request, lm, body, chat, record, done):
+        from fastapi.responses import JSONResponse
+        spec = parse_request(lm, body, chat, self.default_max_tokens)
+        req = GenRequest(asyncio.get_running_loop())
+        req.rows = make_rows(lm, spec, req)
+        prompt_tokens = sum(len(p) for p in spec.prompts)
+        record["prompt_tokens"] = prompt_tokens
+        lm.batcher.submit(req)
+        watchdog = asyncio.ensure_future(watch(req, request))
+        created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        n_choices = len(req.rows)
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                "model": lm.name}
+
+        def chunk(index, text=None, finish=None, role=False):
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return sse({**head, "choices": [choice]})
+
+        def usage(completion_tokens):
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens}
+
+        if spec.stream:
+            state = {"completion_tokens": 0, "finishes": {}, "closed": False}
+
+            async def close(status=499, error="client disconnected"):
+                """Once per stream, however it ends: the rows leave the batch, the trace gets its line."""
+                if not state["closed"]:
+                    state["closed"] = True
+                    req.cancel()
+                    watchdog.cancel()
+                    done(status, error, completion_tokens=state["completion_tokens"],
+                         finish_reason=[state["finishes"].get(i) for i in range(n_choices)])
+
+            async def events():
+                status, error, left = 200, None, n_choices
+                completion_tokens, finishes = 0, state["finishes"]
+                try:
+                    if chat:
+                        for i in range(n_choices):
+                            yield chunk(i, role=True)
+                    while left:
+                        event = await next_event(req)
+                        if event[0] == "text":
+                            yield chunk(event[1], event[2])
+                        elif event[0] == "done":
+                            left -= 1
+                            finishes[event[1]], completion_tokens = event[2], completion_tokens + event[3]
+                            state["completion_tokens"] = completion_tokens
+                            yield chunk(event[1], finish=event[2])
+                        else:
+                            status, error = 500, event[1]
+                            yield sse(APIError(500, event[1], type="server_error").body())
+                            break
+                    if spec.include_usage and status == 200:
+                        yield sse({**head, "choices": [], "usage": usage(completion_tokens)})
+                    yield "data: [DONE]\n\n"
+                except (ClientGone, asyncio.CancelledError, GeneratorExit, OSError):
+                    status, error = 499, "client disconnected"
+                    raise
+                finally:
+                    await close(status, error)
+
+            return EventStream(events(), close)
+
+        texts, finishes, completion_tokens = [""] * n_choices, [None] * n_choices, 0
+        try:
+            left = n_choices
+            while left:
+                event = await next_event(req)
+                if event[0] == "text":
+                    texts[event[1]] += event[2]
+                elif event[0] == "done":
+                    left -= 1
+                    finishes[event[1]], completion_tokens = event[2], completion_tokens + event[3]
+                else:
+                    raise APIError(500, event[1], type="server_error")
+        finally:
+            req.cancel()  # a no-op when every row is done; else (client gone, error) they leave the batch
+            watchdog.cancel()
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                        "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finishes))]
+        else:
+            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
+                       for i, (t, f) in enumerate(zip(texts, finishes))]
+        done(200, completion_tokens=completion_tokens, finish_reason=finishes)
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                             "created": created, "model": lm.name, "choices": choices,
+                             "usage": usage(completion_tokens)})
+
+    async def forward(self, request, raw, body, record, done):
+        """Pass the request to the upstream, streaming included; None when the upstream is down."""
+        from fastapi.responses import Response
+        record["route"] = "upstream"
+        resp = await self.upstream.open(request.url.path, raw, request)
+        if resp is None:
+            return None
+        media_type = resp.headers.get("content-type", "application/json")
+        if body.get("stream") is True and resp.status_code == 200:
+            state = {"tail": b"", "closed": False}
+
+            async def close(status=499, error="client disconnected"):
+                if not state["closed"]:
+                    state["closed"] = True
+                    await resp.aclose()
+                    record.update(_usage_from_sse(state["tail"]))
+                    done(status, error)
+
+            async def passthrough():
+                status, error = 200, None
+                try:
+                    async for piece in resp.aiter_raw():
+                        state["tail"] = (state["tail"] + piece)[-4096:]
+                        yield piece
+                except (asyncio.CancelledError, GeneratorExit, OSError):
+                    status, error = 499, "client disconnected"
+                    raise
+                except Exception as e:  # the upstream broke off mid-stream
+                    status, error = 502, f"upstream stream failed: {type(e).__name__}: {e}"
+                finally:
+                    await close(status, error)
+
+            return EventStream(passthrough(), close, media_type=media_type)
+        content = await resp.aread()
+        await resp.aclose()
+        try:
+            u = json.loads(content).get("usage") or {}
+            record.update(prompt_tokens=u.get("prompt_tokens"), completion_tokens=u.get("completion_tokens"))
+        except (ValueError, AttributeError):
+            pass
+        done(resp.status_code, None if resp.status_code < 400 else content[:500].decode("utf-8", "replace"))
+        return Response(content, status_code=resp.status_code, media_type=media_type)
+
+    # -- GET /v1/models and /health ------------------------------------------------------------------------------
+
+    async def list_models(self, request):
+        self.check_auth(request)
+        data = [{"id": lm.name, "object": "model", "created": lm.created, "owned_by": "nanoforge",
+                 "max_model_len": lm.block_size} for lm in self.models.values()]
+        if self.upstream is not None:
+            for m in await self.upstream.check() or []:
+                if isinstance(m, dict) and m.get("id") not in self.models:
+                    data.append(m)
+        return {"object": "list", "data": data}
+
+    async def health(self):
+        out = {"status": "ok", "models": {name: {"path": lm.path, "chat_format": lm.chat_format,
+                                                 **lm.batcher.load()} for name, lm in self.models.items()}}
+        if self.upstream is not None:
+            await self.upstream.check()
+            out["upstream"] = dict(self.upstream.state)
+            out["fallback"] = self.fallback
+            if self.upstream.state["status"] != "up":
+                out["status"] = "degraded"
+        return out
+
+
+def _usage_from_sse(tail):
+    """prompt/completion tokens from the usage chunk at the end of a forwarded stream, when it has one."""
+    for line in reversed(tail.decode("utf-8", "replace").splitlines()):
+        if line.startswith("data: {") and '"usage"' in line:
+            try:
+                u = json.loads(line[6:]).get("usage") or {}
+            except ValueError:
+                continue
+            return {"prompt_tokens": u.get("prompt_tokens"), "completion_tokens": u.get("completion_tokens")}
+    return {}
+
+
+def build_app(state):
+    """The FastAPI application around an App."""
+    from contextlib import asynccontextmanager
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        for lm in state.models.values():
+            lm.batcher.stop()
+        if state.upstream is not None:
+            await state.upstream.client.aclose()
+
+    app = FastAPI(title="nanoforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return JSONResponse(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                                     code=code).body(), status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e):
+        return JSONResponse(APIError(400, str(e)).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e):
+        print(f"serve: {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return JSONResponse(APIError(500, f"{type(e).__name__}: {e}", type="server_error").body(), status_code=500)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await state.generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await state.generate(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        return await state.list_models(request)
+
+    @app.get("/health")
+    async def health():
+        return await state.health()
+
+    return app
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        fail(f"{message} (python serve.py --help)", code=2)
+
+
+def fail(message, code=1):
+    """Startup errors: one line on stderr, a non-zero exit."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def parse_args(argv):
+    p = _Parser(description="OpenAI-compatible server for nanoforge checkpoints (see the docstring of serve.py).")
+    p.add_argument("--init_from", help="a checkpoint to serve: an out_dir, or a Hugging Face directory or hub id")
+    p.add_argument("--model_name", help="the name clients ask for (default: the checkpoint's folder name)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                   help="serve another checkpoint under NAME (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (the ready line says which)")
+    p.add_argument("--api_key", default=None, help="require 'Authorization: Bearer <key>' on /v1")
+    p.add_argument("--upstream", default=None, metavar="URL",
+                   help="OpenAI-compatible server (e.g. vLLM at http://host:8000/v1) for other models")
+    p.add_argument("--upstream_api_key", default=None, help="key for the upstream (default: the client's own)")
+    p.add_argument("--fallback", default=None, metavar="NAME",
+                   help="local model that answers when the upstream is down")
+    p.add_argument("--trace_file", default=None, help="JSONL, a line per request (default: out-serve/trace.jsonl)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--chat_format", default=None, help="override the models' chat format (plain, gemma, harmony)")
+    p.add_argument("--tokenizer", default=None,
+                   help="override the checkpoints' tokenizer (e.g. gpt2 for a Hugging Face gemma3-compact)")
+    p.add_argument("--max_batch", type=int, default=16, help="rows decoded together, per model")
+    p.add_argument("--max_prefill_tokens", type=int, default=4096, help="prompt tokens admitted per step")
+    p.add_argument("--default_max_tokens", type=int, default=256, help="chat max_tokens when the request has none")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 0: one fewer than the CPU count (a core stays free for HTTP)")
+    p.add_argument("--log_level", default="warning", help="uvicorn's log level (info shows every request)")
+    args = p.parse_args(argv)
+    specs = []
+    if args.init_from:
+        specs.append((args.model_name or Path(args.init_from.rstrip("/")).name or args.init_from, args.init_from))
+    elif args.model_name:
+        fail("--model_name names the --init_from checkpoint: give --init_from too")
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            fail(f"--model takes NAME=PATH, got {item!r}", code=2)
+        specs.append((name, path))
+    names = [n for n, _ in specs]
+    if len(set(names)) != len(names):
+        fail(f"two models are named {sorted(n for n in names if names.count(n) > 1)[0]!r}: give --model_name")
+    if not specs and not args.upstream:
+        fail("nothing to serve: give --init_from=PATH, --model NAME=PATH or --upstream URL", code=2)
+    if args.fallback and args.fallback not in names:
+        fail(f"--fallback {args.fallback!r} is not a local model (local: {', '.join(names) or 'none'})", code=2)
+    if args.fallback and not args.upstream:
+        fail("--fallback needs --upstream", code=2)
+    if args.upstream and not args.upstream.startswith(("http://", "https://")):
+        fail(f"--upstream must be an http(s) URL, got {args.upstream!r}", code=2)
+    return args, specs
+
+
+def resolve_device(device, dtype):
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    return device, getattr(torch, dtype)
+
+
+def bind(host, port):
+    """Bind the listening socket before loading anything, so a taken port fails at once."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.set_inheritable(True)
+        return sock
+    except OSError as e:
+        fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+
+
+def main(argv=None):
+    args, specs = parse_args(sys.argv[1:] if argv is None else argv)
+    sock = bind(args.host, args.port)
+    device, dtype = resolve_device(args.device, args.dtype)
+    if device == "cpu":  # the model's threads and the event loop share the cores: oversubscribed, every
+        # parallel op waits at a barrier for a thread that is not running, several times slower
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
+    models = []
+    for name, path in specs:
+        try:
+            models.append(load_local_model(name, path, device, dtype, args.chat_format, args.tokenizer,
+                                           args.max_batch, args.max_prefill_tokens))
+        except SystemExit as e:  # tokenizer.py exits with its message
+            if isinstance(e.code, str):
+                fail(f"cannot load model {name!r} from {path}: {e.code.removeprefix('error: ')}")
+            raise
+        except Exception as e:
+            fail(f"cannot load model {name!r} from {path}: {type(e).__name__}: {e}")
+    trace_path = args.trace_file or os.path.join("out-serve", "trace.jsonl")
+    try:
+        trace = TraceLog(trace_path)
+    except OSError as e:
+        fail(f"cannot open the trace file {trace_path}: {e.strerror or e}")
+    upstream = Upstream(args.upstream, args.upstream_api_key) if args.upstream else None
+    state = App(models, upstream, args.fallback, args.api_key, trace, args.default_max_tokens)
+    import uvicorn
+    config = uvicorn.Config(build_app(state), log_level=args.log_level, timeout_graceful_shutdown=3,
+                            access_log=args.log_level in ("debug", "info", "trace"))
+    server = uvicorn.Server(config)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    summary = ", ".join(f"{lm.name} ({lm.path}, {lm.chat_format})" for lm in models) or "none"
+    print(f"serve: {summary} on {device}; upstream {args.upstream or 'none'}; trace {trace_path}", flush=True)
+    print(f"serve: listening on http://{shown}:{port}/v1", flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        trace.close()
+
+
+if __name__ == "__main__":
+    main()

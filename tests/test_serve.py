@@ -1,0 +1,537 @@
+"""serve.py, driven as a real server (a subprocess on a free loopback port) with the official openai client.
+
+Expected texts come from the model's own single-prompt generator (GPT.generate_stream) on the same weights,
+so every greedy answer the server gives, alone or batched with 15 others, must match it token for token.
+
+Throughput is a benchmark, not a test:  python tests/test_serve.py bench [--clients=8] [--max_tokens=64]
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")  # offline tiktoken, here and in subprocesses
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+import tiktoken  # noqa: E402
+import torch  # noqa: E402
+
+from model import GPT, GPTConfig  # noqa: E402
+
+KEY = "test-key"
+ENC = tiktoken.get_encoding("gpt2")
+PROMPTS = ["Hello", "The meaning of life is", "Once upon a time, in a land far away,", "x", "1 2 3 4",
+           "To be or not to be, that is the question", "ROMEO:", "def f(x):\n    return"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a tiny checkpoint, and servers as subprocesses
+
+
+def make_checkpoint(path, n_layer=2, n_embd=32, n_head=2, block_size=512, seed=0, layout="hf"):
+    """A randomly initialised GPT-2-family model with the GPT-2 vocabulary: a Hugging Face directory
+    (layout="hf") or a nanoforge out_dir (layout="out_dir", through checkpoint.save). Its untied head gets
+    std 0.5, so the logits spread widely: greedy text is varied (not one token repeated) and has clear
+    margins, so batched and single-row forwards (equal up to float rounding) pick the same tokens."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=50257, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                          tie_embeddings=False))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(std=0.5)
+    if layout == "hf":
+        model.save_pretrained(path)
+    else:
+        import checkpoint
+        from tokenizer import load_tokenizer, make_meta
+        checkpoint.save(path, model, {"iter_num": 0}, make_meta(load_tokenizer({"tokenizer": "gpt2"})))
+    return path
+
+
+def make_gemma_checkpoint(path, seed=0):
+    """A tiny Gemma 3 (sliding-window and full layers, RoPE, multi-query attention) in Hugging Face layout, with
+    a meta.json beside it naming the GPT-2 tokenizer (Gemma's own SentencePiece one is not tiktoken)."""
+    from tokenizer import load_tokenizer, make_meta
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.preset("gemma3-compact", n_layer=2, n_head=2, n_kv_head=1, n_embd=32, head_dim=16,
+                                 mlp_hidden=64, sliding_window=4, attn_scale_dim=16, block_size=512))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(std=0.5)
+    model.save_pretrained(path)
+    (Path(path) / "meta.json").write_text(json.dumps(make_meta(load_tokenizer({"tokenizer": "gpt2"}))))
+    return path
+
+
+def greedy_reference(path):
+    """Greedy continuations from the model's own single-prompt generator, ending at <|endoftext|>."""
+    model = GPT.from_pretrained(str(path)).eval()
+
+    def greedy(ids, n):
+        out = []
+        for step in model.generate_stream([ids], n, temperature=0, stop_tokens=[ENC.eot_token]):
+            if step[0] is None or step[0] == ENC.eot_token:
+                break
+            out.append(step[0])
+        return out
+
+    return greedy
+
+
+class Server:
+    """`python serve.py ARGS --port=0` in the background; its URL from the line it prints when listening."""
+
+    def __init__(self, *args, port=0, cwd=None):
+        self.args = args
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), f"--port={port}", *args], cwd=cwd or REPO,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.output, self.url = [], None
+        self.listening = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.output.append(line)
+            if "listening on http://" in line and self.url is None:
+                self.url = line.split("listening on ")[1].strip().removesuffix("/v1")
+                self.listening.set()
+        self.listening.set()  # exited
+
+    def wait_ready(self, timeout=60):
+        assert self.listening.wait(timeout), f"server did not start: {''.join(self.output)}"
+        assert self.url, f"server exited: {''.join(self.output)}"
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"server not healthy: {''.join(self.output)}")
+
+    def client(self, api_key=KEY):
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60)
+
+    def health(self):
+        return httpx.get(f"{self.url}/health", timeout=10).json()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def read_trace(path):
+    lines = Path(path).read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """The same tiny model twice: a nanoforge out_dir (served by `main`) and a Hugging Face directory."""
+    root = tmp_path_factory.mktemp("tiny")
+    make_checkpoint(root / "out-tiny", layout="out_dir")
+    return make_checkpoint(root / "hf-tiny", layout="hf")
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    return greedy_reference(ckpt)
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    return make_gemma_checkpoint(tmp_path_factory.mktemp("gemma") / "gemma")
+
+
+@pytest.fixture(scope="module")
+def servers(ckpt, gemma, tmp_path_factory):
+    """Three servers started together: `main` (with an API key), `remote` (the upstream) and `front` (forwards
+    to remote, falls back to its own model; also serves a Gemma 3)."""
+    tmp = tmp_path_factory.mktemp("serve")
+    s = {"trace": tmp / "main.jsonl", "front_trace": tmp / "front.jsonl"}
+    with socket.socket() as probe:  # a free port for the upstream, so all three can start at once
+        probe.bind(("127.0.0.1", 0))
+        remote_port = probe.getsockname()[1]
+    try:
+        s["remote"] = Server(f"--init_from={ckpt}", "--model_name=remote", f"--trace_file={tmp / 'remote.jsonl'}",
+                             port=remote_port)
+        s["main"] = Server(f"--init_from={ckpt.parent / 'out-tiny'}", "--model_name=tiny", f"--api_key={KEY}",
+                           f"--trace_file={s['trace']}")
+        s["front"] = Server(f"--model=front={ckpt}", f"--model=gemma={gemma}",
+                            f"--upstream=http://127.0.0.1:{remote_port}/v1", "--fallback=front",
+                            f"--trace_file={s['front_trace']}")
+        for name in ("remote", "main", "front"):
+            s[name].wait_ready()
+        yield s
+    finally:
+        for name in ("main", "remote", "front"):
+            if name in s:
+                s[name].stop()
+
+
+@pytest.fixture(scope="module")
+def client(servers):
+    return servers["main"].client()
+
+
+def chat_ids(messages, chat_format="plain"):
+    from tokenizer import load_tokenizer, render_prompt
+    return render_prompt(load_tokenizer({"tokenizer": "gpt2"}), messages, chat_format)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# completions and chat
+
+
+def test_models_and_health(servers, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    health = servers["main"].health()
+    assert health["status"] == "ok" and "tiny" in health["models"]
+
+
+def test_completion_matches_the_models_own_generator(client, reference):
+    for prompt in PROMPTS[:3]:
+        ids = ENC.encode(prompt)
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+        expected = reference(ids, 12)
+        assert r.choices[0].text == ENC.decode(expected)
+        assert r.choices[0].finish_reason == ("length" if len(expected) == 12 else "stop")
+        assert r.model == "tiny" and r.object == "text_completion"
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 12)
+        assert r.usage.total_tokens == len(ids) + 12
+
+
+def test_completion_token_prompt_batch_and_n(client, reference):
+    ids = ENC.encode(PROMPTS[1])
+    r = client.completions.create(model="tiny", prompt=[ids, PROMPTS[2]], max_tokens=5, temperature=0, n=2)
+    assert [c.index for c in sorted(r.choices, key=lambda c: c.index)] == [0, 1, 2, 3]
+    texts = {c.index: c.text for c in r.choices}
+    assert texts[0] == texts[1] == ENC.decode(reference(ids, 5))
+    assert texts[2] == texts[3] == ENC.decode(reference(ENC.encode(PROMPTS[2]), 5))
+    assert r.usage.prompt_tokens == len(ids) + len(ENC.encode(PROMPTS[2]))
+    assert r.usage.completion_tokens == 20
+
+
+def test_sampling_seed_is_reproducible(client):
+    kw = dict(model="tiny", prompt="Seeds:", max_tokens=10, temperature=1.0, top_p=0.9, n=2)
+    a = client.completions.create(seed=1234, **kw)
+    b = client.completions.create(seed=1234, **kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    c = client.completions.create(seed=99, **kw)
+    assert [x.text for x in c.choices] != [x.text for x in a.choices]
+
+
+def test_chat(client, reference):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    ids = chat_ids(messages)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ENC.decode(reference(ids, 8))
+    assert r.usage.prompt_tokens == len(ids) and r.object == "chat.completion"
+    # content as a list of text parts, and max_completion_tokens
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]
+    r2 = client.chat.completions.create(model="tiny", messages=parts, max_completion_tokens=3, temperature=0)
+    assert r2.usage.completion_tokens == 3
+    assert r2.usage.prompt_tokens == len(chat_ids([{"role": "user", "content": "Hi there"}]))
+
+
+def test_gemma_family_uses_its_chat_format(servers, gemma):
+    """Sliding-window layers, RoPE and multi-query attention through the batcher, with Gemma's chat format."""
+    greedy = greedy_reference(gemma)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    ids = chat_ids(messages, "gemma")
+    assert servers["front"].health()["models"]["gemma"]["chat_format"] == "gemma"
+    client = servers["front"].client()
+    r = client.chat.completions.create(model="gemma", messages=messages, max_tokens=20, temperature=0)
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].message.content == ENC.decode(greedy(ids, 20)).split("<end_of_turn>")[0]
+    prompts = ["Hello", "A longer prompt than the sliding window of four tokens"]
+    r = client.completions.create(model="gemma", prompt=prompts, max_tokens=12, temperature=0)
+    for c in r.choices:
+        assert c.text == ENC.decode(greedy(ENC.encode(prompts[c.index]), 12))
+
+
+def test_streaming(client, reference):
+    ids = ENC.encode(PROMPTS[2])
+    expected = ENC.decode(reference(ids, 10))
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=10, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+    messages = [{"role": "user", "content": "Stream, please"}]
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ENC.decode(reference(chat_ids(messages), 6))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+
+
+def test_stream_wire_format_ends_with_done(servers):
+    with httpx.stream("POST", f"{servers['main'].url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "tiny", "prompt": "Hi", "max_tokens": 3, "stream": True}, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def _stop_case(reference):
+    """A prompt, its greedy text, and a stop string whose first occurrence is mid-text (not at the start)."""
+    for prompt in PROMPTS:
+        text = ENC.decode(reference(ENC.encode(prompt), 24))
+        if "\ufffd" in text:
+            continue
+        for k in range(len(text) // 3, len(text) - 3):
+            for n in (2, 3, 4):
+                stop = text[k:k + n]
+                if text.find(stop) == k and stop.strip():
+                    return prompt, text, stop, text[:k]
+    pytest.skip("no greedy text with a usable stop string")
+
+
+def test_stop_strings_end_the_text_exactly(client, reference):
+    prompt, text, stop, expected = _stop_case(reference)
+    for stops in (stop, ["never-appears", stop]):
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=stops)
+        assert r.choices[0].text == expected and r.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=stop,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input and auth
+
+
+def _error(response, status, param=None, code=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+def test_bad_input_gets_openai_style_errors(servers, client):
+    url, auth = servers["main"].url, {"Authorization": f"Bearer {KEY}"}
+    post = lambda path, **kw: httpx.post(f"{url}/v1/{path}", headers=auth, timeout=30, **kw)  # noqa: E731
+    _error(post("completions", content=b'{"model": "tiny", "prompt": '), 400, code="invalid_json")
+    _error(post("completions", content=b"[1, 2]"), 400)
+    _error(post("completions", json={"model": "tiny", "prompt": "x", "max_tokens": 10_000}), 400,
+           param="max_tokens", code="context_length_exceeded")
+    _error(post("completions", json={"model": "tiny", "prompt": "x " * 600}), 400, param="prompt",
+           code="context_length_exceeded")
+    _error(post("chat/completions", json={"model": "tiny", "messages": []}), 400, param="messages")
+    _error(post("chat/completions", json={"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}), 400)
+    _error(post("completions", json={"model": "tiny", "prompt": "x", "temperature": "hot"}), 400, param="temperature")
+    _error(post("completions", json={"model": "tiny", "prompt": "x", "stop": 3}), 400, param="stop")
+    _error(post("completions", json={"model": "tiny", "prompt": [10**9]}), 400, param="prompt")
+    _error(httpx.get(f"{url}/v1/nothing", headers=auth), 404)
+    # the same through the openai client
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="no-such-model", prompt="x")
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=100_000)
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[])
+    assert client.completions.create(model="tiny", prompt="still fine", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_auth(servers):
+    with pytest.raises(openai.AuthenticationError):
+        servers["main"].client(api_key="wrong").completions.create(model="tiny", prompt="x", max_tokens=1)
+    r = httpx.post(f"{servers['main'].url}/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=30)
+    assert _error(r, 401)["code"] == "invalid_api_key"
+    assert httpx.get(f"{servers['main'].url}/v1/models", timeout=30).status_code == 401
+    assert httpx.get(f"{servers['main'].url}/health", timeout=30).status_code == 200  # health stays open
+
+
+def test_client_disconnect_mid_stream_cancels_the_row(servers):
+    url = servers["main"].url
+    body = {"model": "tiny", "prompt": "A long story:", "max_tokens": 480, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, json=body,
+                      timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        records = [t for t in read_trace(servers["trace"]) if t["prompt_tokens"] == len(ENC.encode("A long story:"))
+                   and t["stream"] and t["status"] == 499]
+        if records and servers["main"].health()["models"]["tiny"]["active"] == 0:
+            break
+        time.sleep(0.1)
+    assert records, "no trace line for the cancelled stream"
+    assert records[-1]["completion_tokens"] < 480
+    assert servers["main"].client().completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# concurrency
+
+
+def test_16_concurrent_streams_match_their_solo_answers(servers, reference):
+    client = servers["main"].client()
+    jobs = [(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), 8 + i) for i in range(16)]
+    results, errors = [None] * 16, []
+
+    def run(i):
+        prompt, n = jobs[i]
+        try:
+            stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0, stream=True)
+            results[i] = "".join(c.choices[0].text for c in stream)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"{i}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    for (prompt, n), got in zip(jobs, results):
+        assert got == ENC.decode(reference(ENC.encode(prompt), n))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# upstream forwarding and fallback
+
+
+def test_upstream_forwarding_then_fallback(servers, reference):
+    front, remote = servers["front"], servers["remote"]
+    client = front.client()
+    assert {m.id for m in client.models.list().data} == {"front", "gemma", "remote"}
+    assert front.health()["upstream"]["status"] == "up"
+    r = client.completions.create(model="remote", prompt="Hello", max_tokens=6, temperature=0)
+    assert r.model == "remote" and r.choices[0].text == ENC.decode(reference(ENC.encode("Hello"), 6))
+    stream = client.chat.completions.create(model="remote", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=4, temperature=0, stream=True)
+    chunks = list(stream)
+    assert all(c.model == "remote" for c in chunks) and chunks[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.NotFoundError):  # the upstream's own 404, passed through
+        client.completions.create(model="nowhere", prompt="x")
+    assert client.completions.create(model="front", prompt="x", max_tokens=2).model == "front"  # local
+
+    remote.stop()
+    health = front.health()
+    assert health["upstream"]["status"] == "down" and health["status"] == "degraded"
+    r = client.completions.create(model="remote", prompt="Hello", max_tokens=6, temperature=0)
+    assert r.model == "front" and r.choices[0].text == ENC.decode(reference(ENC.encode("Hello"), 6))
+    chunks = list(client.completions.create(model="remote", prompt="Hi", max_tokens=3, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length"
+    routes = [t["route"] for t in read_trace(servers["front_trace"])]
+    assert "upstream" in routes and routes[-2:] == ["fallback", "fallback"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the trace, startup errors
+
+
+def test_trace_has_a_line_per_request(servers, client):
+    before = len(read_trace(servers["trace"]))
+    client.completions.create(model="tiny", prompt="trace me", max_tokens=3)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    records = read_trace(servers["trace"])  # read while the server runs: each line is flushed as written
+    assert len(records) == before + 2
+    ok, bad = records[-2:]
+    assert ok["status"] == 200 and ok["model"] == "tiny" and ok["endpoint"] == "/v1/completions"
+    assert ok["prompt_tokens"] == len(ENC.encode("trace me")) and ok["completion_tokens"] == 3
+    assert ok["latency_s"] >= 0 and ok["time"] > 1e9
+    assert bad["status"] == 404 and bad["model"] == "nope"
+    statuses = {t["status"] for t in records}
+    assert {200, 400, 401, 404} <= statuses
+
+
+def test_startup_errors_are_one_line_and_nonzero(ckpt, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        runs = [subprocess.Popen([sys.executable, str(REPO / "serve.py"), *args], cwd=tmp_path, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                for args in ([f"--init_from={tmp_path / 'missing'}", "--port=0"],
+                             [f"--init_from={ckpt}", f"--port={port}"])]
+        outputs = [p.communicate(timeout=60) for p in runs]
+    for p, (out, err) in zip(runs, outputs):
+        assert p.returncode != 0
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "missing" in outputs[0][1] and str(port) in outputs[1][1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the throughput benchmark (not a test): python tests/test_serve.py bench
+
+
+def bench(clients=8, max_tokens=64, n_layer=6, n_embd=384, n_head=6, rounds=5, threads=0):
+    """Total completion tokens/s of 1 client and of `clients` concurrent clients, each streaming its own
+    request (temperature 0.8, own seed). The clients share one asyncio loop and count tokens from the usage
+    chunk, so they cost the 2-core machine little; the best of `rounds` runs is reported."""
+    import asyncio
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_checkpoint(Path(tmp) / "small", n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=1024)
+        params = sum(p.numel() for p in GPT.from_pretrained(str(path)).parameters())
+        server = Server(f"--init_from={path}", "--model_name=small", f"--trace_file={Path(tmp) / 'trace.jsonl'}",
+                        f"--max_batch={max(clients, 1)}", f"--threads={threads}").wait_ready()
+
+        async def one(http, i):
+            body = {"model": "small", "prompt": f"Client {i} says", "max_tokens": max_tokens, "temperature": 0.8,
+                    "seed": i, "stream": True, "stream_options": {"include_usage": True}}
+            async with http.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+                last = [line async for line in r.aiter_lines() if line.startswith("data: {")][-1]
+            return json.loads(last[6:])["usage"]["completion_tokens"]
+
+        async def run():
+            best = {1: 0.0, clients: 0.0}
+            async with httpx.AsyncClient(timeout=300) as http:
+                await one(http, 0)  # warm up
+                for _ in range(rounds):  # interleaved, so a busy spell on the machine hits both alike
+                    for k in best:
+                        t0 = time.perf_counter()
+                        tokens = sum(await asyncio.gather(*(one(http, i) for i in range(k))))
+                        best[k] = max(best[k], tokens / (time.perf_counter() - t0))
+            return best
+
+        try:
+            rates = asyncio.run(run())
+            for k, rate in rates.items():
+                print(f"{k} client(s): {rate:.1f} tokens/s in total (best of {rounds})", flush=True)
+            print(f"model: {params / 1e6:.1f}M parameters ({n_layer} layers, n_embd {n_embd}, GPT-2 vocabulary), "
+                  f"{max_tokens} tokens per request; server torch threads: "
+                  f"{threads or max(1, (os.cpu_count() or 2) - 1)} of {os.cpu_count()} CPUs")
+            print(f"speed-up with {clients} clients: {rates[clients] / rates[1]:.2f}x")
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["bench"]:
+        kwargs = dict(arg.removeprefix("--").split("=") for arg in sys.argv[2:])
+        bench(**{k: int(v) for k, v in kwargs.items()})
+    else:
+        sys.exit(pytest.main([__file__, "-q"]))
