@@ -386,16 +386,22 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(h))
 
 
-def grouped_matmul(x, w, counts):
-    """Rows of x are grouped by expert (counts[e] rows for expert e); returns each group @ w[e].
+def grouped_matmul(x, w, counts, bias=None):
+    """Rows of x are grouped by expert (counts[e] rows for expert e); returns each group @ w[e] (+ bias[e]).
 
-    On CUDA in bf16 this is one grouped GEMM; elsewhere one matmul per expert over its own rows.
+    On CUDA in bf16 this is one grouped GEMM; elsewhere one matmul per expert over its own rows, with the
+    bias added inside addmm (gathering a [rows, out] bias tensor would cost as much memory traffic as the matmul).
     """
     if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-        offsets = counts.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(x, w.to(x.dtype), offs=offsets)
-    groups = x.split(counts.tolist())
-    return torch.cat([g @ w[e] for e, g in enumerate(groups)])
+        y = torch._grouped_mm(x, w.to(x.dtype), offs=counts.cumsum(0).to(torch.int32))
+        if bias is not None:
+            y = y + bias.to(y.dtype).repeat_interleave(counts, dim=0, output_size=x.size(0))
+        return y
+    groups, ws = x.split(counts.tolist()), w.unbind(0)
+    if bias is None:
+        return torch.cat([g @ ws[e] for e, g in enumerate(groups)])
+    bs = bias.unbind(0)
+    return torch.cat([torch.addmm(bs[e], g, ws[e]) for e, g in enumerate(groups)])
 
 
 class MoE(nn.Module):
@@ -424,7 +430,7 @@ class MoE(nn.Module):
         self.lora_scale, self.lora_dropout = alpha / rank, nn.Dropout(dropout)
 
     def expert_matmul(self, x, name, counts):
-        y = grouped_matmul(x, getattr(self, name), counts)
+        y = grouped_matmul(x, getattr(self, name), counts, getattr(self, name + "_bias"))
         if name + "_A" in self.lora:
             A, B = self.lora[name + "_A"].to(x.dtype), self.lora[name + "_B"].to(x.dtype)
             y = y + grouped_matmul(grouped_matmul(self.lora_dropout(x), A, counts), B, counts) * self.lora_scale
@@ -449,15 +455,10 @@ class MoE(nn.Module):
         flat_experts = top_experts.reshape(-1)
         order = flat_experts.argsort(stable=True)
         token = order // self.top_k
-        expert = flat_experts[order]
         counts = torch.bincount(flat_experts, minlength=self.gate_up.size(0))
         h = self.expert_matmul(x[token], "gate_up", counts)
-        if self.gate_up_bias is not None:
-            h = h + self.gate_up_bias[expert]
         h = clamped_swiglu(h[:, 0::2], h[:, 1::2], self.limit)
         out = self.expert_matmul(h, "down", counts)
-        if self.down_bias is not None:
-            out = out + self.down_bias[expert]
         out = out * weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
         y = torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
         self.expert_counts = counts.detach()
