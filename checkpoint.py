@@ -235,7 +235,8 @@ def load_model(path, device="cpu", dtype=torch.float32, tokenizer=None):
         tokenizer = _meta_for(tokenizer)
     if find(path) is not None:
         info = read(path)
-        model = load_weights(GPT(model_config(info)), info)
+        import hf
+        model = load_weights(hf.empty_model(GPT, model_config(info), dtype, device), info, device)
         meta = tokenizer or load_meta(info)
     else:
         if Path(path).exists() and not (Path(path) / CONFIG).is_file():

@@ -431,15 +431,21 @@ def load_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu", **over
     unknown = sorted(set(overrides) - {f.name for f in fields(GPTConfig)})
     if unknown:
         raise ValueError(f"unknown GPTConfig override(s) {unknown}")
-    config = replace(config, **overrides)
-    with torch.device("meta"):  # no memory, no init: every parameter is overwritten from the checkpoint
+    model = empty_model(cls, replace(config, **overrides), dtype, device)
+    load_weights(model, safetensors_files(directory))
+    return model
+
+
+def empty_model(cls, config, dtype=torch.float32, device="cpu"):
+    """cls(config) with uninitialised weights (no memory or time spent on a random init that a checkpoint
+    overwrites next); the RoPE tables, which no checkpoint holds, are computed."""
+    with torch.device("meta"):
         model = cls(config).to(dtype)
     model.to_empty(device=device)
     if config.tie_embeddings:  # to_empty gives each module its own tensor, untying the head
         model.lm_head.weight = model.transformer.wte.weight
     if config.pos_emb == "rope":
         model.init_rope(device)  # non-persistent buffers are not in the checkpoint
-    load_weights(model, safetensors_files(directory))
     return model
 
 

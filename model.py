@@ -712,18 +712,37 @@ class GPT(nn.Module):
     # -- generation (KV cache) ---------------------------------------------------------------------------------
 
     def forward_cached(self, idx, cache):
-        """Run new tokens idx (B, T) through the model, appending to cache; logits of the last position (B, V)."""
-        x, _ = self.hidden_states(idx, pos=cache.positions(idx.size(1)), cache=cache.begin(idx.size(1)))
+        """Run new tokens idx (B, T) through the model, appending to cache; logits of the last position (B, V).
+        One token per row on a static cache (see compile_decode) runs the compiled step."""
+        if idx.size(1) == 1 and getattr(cache, "static", False):
+            logits = self._compiled_step(idx, cache)
+        else:
+            logits = self.one_step(idx, cache)
         cache.advance()
+        return logits
+
+    def one_step(self, idx, cache):
+        x, _ = self.hidden_states(idx, pos=cache.positions(idx.size(1)), cache=cache.begin(idx.size(1)))
         return self.head(x[:, -1, :])
+
+    def compile_decode(self, **compile_kwargs):
+        """torch.compile the one-token decoding step (gpt-fast style). KVCaches made afterwards are static: a
+        decode step attends over all of a full layer's preallocated columns (masked past the newest) instead
+        of a slice that grows every step, and the column counter is a tensor, so nothing the compiled step
+        sees changes shape from step to step or, the length being marked dynamic, from one generation to the
+        next: it compiles once. Prompts (several tokens per row) run uncompiled."""
+        self._compiled_step = torch.compile(self.one_step, **compile_kwargs)
+        return self
 
     @torch.no_grad()
     def use_decode_layout(self):
-        """Store every Linear weight transposed in memory: same shapes and values, strides (1, out). On CPU a
-        one-token matrix-vector product then streams each weight contiguously, about 2x faster for the large
-        vocabulary head here. For inference only (sample.py, serve.py); training keeps the default layout."""
+        """Store the weights of the Linears that widen (out > in: c_attn, c_fc, the vocabulary head) transposed
+        in memory: same shapes and values, strides (1, out). On CPU MKL's matrix-vector product for one token
+        streams such a weight faster that way (about 2x for the head); for the square and narrowing ones the
+        default layout is as fast or faster. For inference only (sample.py, serve.py): training keeps the
+        default layout."""
         for m in self.modules():
-            if isinstance(m, nn.Linear) and m.weight.is_contiguous():
+            if isinstance(m, nn.Linear) and m.weight.is_contiguous() and m.out_features > m.in_features:
                 m.weight.data = m.weight.data.t().contiguous().t()
         return self
 
@@ -772,11 +791,17 @@ class KVCache:
 
     Rows are left-padded to a common length: column c of row b holds position c - pad[b]; padding columns
     are masked out of every real query. One forward = begin(T), each layer's update(), then advance().
+
+    A static cache (made for a model after compile_decode) gives the compiled one-token step fixed shapes: its
+    column counter is also a tensor (col_t), and a decode step attends over every column of a full layer,
+    those past the newest masked out, rather than over a slice that grows.
     """
 
     def __init__(self, model, batch_size, max_len, pad):
         cfg, p = model.config, model.lm_head.weight
         self.window, self.pad, self.col = cfg.sliding_window, pad, 0
+        self.static = hasattr(model, "_compiled_step")
+        self.col_t = torch.zeros(1, dtype=torch.long, device=p.device)
         self.ring = min(max_len, cfg.sliding_window) if "S" in cfg.attn_pattern else 0
         self.ring_cols = torch.full((self.ring,), -1, device=p.device)  # the column each ring slot holds
         self.k, self.v, self.sliding = [], [], []
@@ -786,8 +811,19 @@ class KVCache:
             self.k.append(torch.zeros(shape, dtype=p.dtype, device=p.device))
             self.v.append(torch.zeros(shape, dtype=p.dtype, device=p.device))
             self.sliding.append(sliding)
+            if self.static and not sliding:  # one compiled step for every length (else one compile per length)
+                torch._dynamo.maybe_mark_dynamic(self.k[-1], 2)
+                torch._dynamo.maybe_mark_dynamic(self.v[-1], 2)
+        self.full_cols = None if all(self.sliding) else torch.arange(max_len, device=p.device)
+        if self.static and self.full_cols is not None:
+            torch._dynamo.maybe_mark_dynamic(self.full_cols, 0)
+
+    def decoding_static(self, T):
+        return self.static and T == 1
 
     def positions(self, T):
+        if self.decoding_static(T):
+            return (self.col_t - self.pad).clamp(min=0).unsqueeze(1)  # (B, 1)
         cols = torch.arange(self.col, self.col + T, device=self.pad.device)
         return (cols.unsqueeze(0) - self.pad.unsqueeze(1)).clamp(min=0)  # (B, T)
 
@@ -802,8 +838,12 @@ class KVCache:
     def begin(self, T):
         """Prepare the masks of a forward of T new tokens, shared by all layers of a kind."""
         self.T = T
-        q = torch.arange(self.col, self.col + T, device=self.pad.device)
-        self.full_mask = self.mask(torch.arange(self.col + T, device=q.device), q)
+        if self.decoding_static(T):  # every preallocated column, the newest one a tensor: fixed shapes
+            q = self.col_t
+            self.full_mask = None if self.full_cols is None else self.mask(self.full_cols, q)
+        else:
+            q = torch.arange(self.col, self.col + T, device=self.pad.device)
+            self.full_mask = self.mask(torch.arange(self.col + T, device=q.device), q)
         if self.ring:
             keep = q[-self.ring:]  # the new columns that stay in the ring, and their slots
             self.ring_slots = keep % self.ring
@@ -818,6 +858,10 @@ class KVCache:
     def update(self, layer, k, v):
         """Store this layer's new keys/values (B, Hkv, T, D); return the keys, values and mask to attend over."""
         K, V = self.k[layer], self.v[layer]
+        if not self.sliding[layer] and self.decoding_static(self.T):
+            K.index_copy_(2, self.col_t, k)
+            V.index_copy_(2, self.col_t, v)
+            return K, V, self.full_mask
         if not self.sliding[layer]:
             K[:, :, self.col:self.col + self.T] = k
             V[:, :, self.col:self.col + self.T] = v
@@ -834,6 +878,8 @@ class KVCache:
 
     def advance(self):
         self.col += self.T
+        if self.static:
+            self.col_t += self.T
         if self.ring:
             self.ring_cols = self.new_ring_cols
 

@@ -3,6 +3,16 @@ Sample from a trained model (an out_dir of train.py) or a Hugging Face one.
 
 $ python sample.py --out_dir=out-shakespeare-char
 $ python sample.py --init_from=gpt2-xl --start="What is the answer to life, the universe, and everything?" --num_samples=5
+$ python sample.py --out_dir=out-shakespeare-char --interactive=True   # type a prompt, get a completion, repeat
+
+Each sample streams as it is generated and ends with a summary line:
+[6 prompt tokens, 500 new tokens, 9.81s, 51.0 tokens/s]
+
+Interactive mode reads one prompt per line from stdin (type \\n for a newline inside a prompt) and prints the
+completion; lines starting with / change the settings without restarting (/help lists them); /quit or
+end of input (Ctrl-D) exits. Models fine-tuned on chat data (their meta.json names a chat_format) are
+prompted in that format: the line is the user's message, the reply ends at the format's stop token or
+string, and the conversation carries on until /reset.
 """
 import sys
 import time
@@ -11,7 +21,7 @@ import torch
 
 import checkpoint
 from configurator import apply_overrides
-from tokenizer import load_tokenizer
+from tokenizer import CHAT_FORMATS, load_tokenizer, render_prompt, stop_strings, stop_tokens, stream_text
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # either 'resume' (from an out_dir) or a Hugging Face name or path (e.g. 'gpt2-xl')
@@ -25,8 +35,10 @@ top_p = 1.0  # nucleus sampling: keep the fewest tokens whose probabilities add 
 seed = 1337
 device = 'auto'  # examples: 'cpu', 'cuda', 'cuda:0', 'cuda:1', etc.; 'auto': cuda when there is one
 dtype = 'auto'  # 'float32' or 'bfloat16' or 'float16'; 'auto': bf16 (or fp16) on GPUs, fp32 on CPU
-compile = False  # use PyTorch 2.0 to compile the model's decoding step (the first samples are slower)
+compile = False  # torch.compile the one-token decoding step (the first sample waits for the compile)
 tokenizer = ''  # '' = the checkpoint's; a tiktoken name ('gpt2', ...) for models that do not name one (Gemma)
+interactive = False  # read prompts from stdin, one per line, until /quit or end of input
+chat_format = 'auto'  # 'auto': the checkpoint's (chat fine-tunes), else none; 'none': plain text; plain|gemma|harmony
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 apply_overrides(globals(), sys.argv[1:], allowed_keys=config_keys)  # overrides from command line or config file
@@ -37,7 +49,19 @@ def fail(message):
     sys.exit(f"error: {message}")
 
 
-torch.manual_seed(seed)
+def settings_error():
+    """What is wrong with the sampling settings (they can change in interactive mode), or None."""
+    if temperature < 0:
+        return "temperature must be >= 0 (0 = greedy)"
+    if not 0.0 < top_p <= 1.0:
+        return "top_p must be in (0, 1] (1 = off)"
+    if top_k < 0:
+        return "top_k must be >= 0 (0 = off)"
+    if max_new_tokens < 1:
+        return "max_new_tokens must be >= 1"
+    return None
+
+
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
 device_type = device.split(':')[0]
@@ -48,8 +72,11 @@ if dtype == 'auto':
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
 if ptdtype is None:
     fail(f"dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
-if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
-    fail("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+if settings_error():
+    fail(settings_error())
+if chat_format not in ('auto', 'none') + CHAT_FORMATS:
+    fail(f"chat_format {chat_format!r} is not one of auto, none, {', '.join(CHAT_FORMATS)}")
+torch.manual_seed(seed)
 
 # model and its tokenizer
 if init_from == 'resume' and checkpoint.find(out_dir) is None:
@@ -64,9 +91,147 @@ except (OSError, ValueError) as e:  # Hugging Face loading: a missing directory,
 if device_type == 'cpu':
     model.use_decode_layout()  # faster one-token steps on CPU
 if compile:
-    model.forward_cached = torch.compile(model.forward_cached)
+    model.compile_decode()
 tok = load_tokenizer(meta)
 block_size = model.config.block_size
+if chat_format == 'auto':
+    chat_format = meta.get('chat_format') or 'none'  # set by data/chat/prepare.py, kept by train.py
+chat = chat_format != 'none'
+try:
+    stop_ids = set(stop_tokens(tok, chat_format)) if chat else set()  # plain text runs its full length
+    stop_texts = stop_strings(tok, chat_format) if chat else []
+except ValueError as e:  # harmony without the o200k_harmony tokenizer
+    fail(f"chat_format={chat_format!r}: {e}")
+generator = torch.Generator(device=device).manual_seed(seed)
+
+
+def token_stream(ids, n, counter):
+    """Up to n new token ids after the prompt ids, as they come (model.generate_stream: KV cache). Within the
+    model's block_size in one run; past it, go on from the last block_size // 2 tokens, so a sample can be
+    longer than the context. A stop token ends the stream and is not yielded. counter[0] counts the tokens."""
+    ids = list(ids)
+    while n > 0:
+        context = ids if len(ids) + n <= block_size else ids[-(block_size // 2):]
+        steps = min(n, block_size - len(context))
+        for (token,) in model.generate_stream([context], steps, temperature, top_k or None, top_p,
+                                              stop_tokens=stop_ids, generator=generator):
+            counter[0] += 1
+            if token in stop_ids:
+                return
+            ids.append(token)
+            n -= 1
+            yield token
+
+
+def complete(ids):
+    """Print the continuation of prompt ids as it streams, then the summary line; returns the text."""
+    counter, pieces = [0], []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for piece in stream_text(token_stream(ids, max_new_tokens, counter), tok.decode, stop_texts):
+            print(piece, end='', flush=True)
+            pieces.append(piece)
+    dt = time.perf_counter() - t0
+    print(f"\n[{len(ids)} prompt tokens, {counter[0]} new tokens, {dt:.2f}s, {counter[0] / max(dt, 1e-9):.1f} tokens/s]",
+          flush=True)
+    return ''.join(pieces)
+
+
+def encode(text, history):
+    """The prompt's token ids: the text itself, or in a chat format the conversation so far plus this user
+    message, dropping the oldest turns while prompt + max_new_tokens would overflow the context."""
+    if not chat:
+        return tok.encode(text, allow_special=True)
+    messages = history + [{"role": "user", "content": text}]
+    ids = render_prompt(tok, messages, chat_format)
+    while len(ids) + max_new_tokens > block_size and len(messages) > 1:
+        messages = messages[1:]
+        ids = render_prompt(tok, messages, chat_format)
+    return ids
+
+
+# -----------------------------------------------------------------------------
+# interactive mode: one prompt per line; /commands change the settings
+
+SETTINGS = {'temperature': float, 'top_k': int, 'top_p': float, 'max_new_tokens': int, 'seed': int}
+HELP = f"""commands:
+  /temperature T     0 = greedy, < 1 sharper, > 1 flatter (now {{temperature}})
+  /top_k K           keep the K likeliest tokens; 0 = off (now {{top_k}})
+  /top_p P           keep the fewest tokens whose probabilities add up to P; 1 = off (now {{top_p}})
+  /max_new_tokens N  longest completion (now {{max_new_tokens}})
+  /seed S            restart the random generator (now {{seed}})
+  /reset             forget the conversation (chat formats)
+  /help              this list
+  /quit              exit (so does end of input, Ctrl-D)
+a prompt is one line; type \\n for a newline in it. chat format: {chat_format}"""
+
+
+def command(line):
+    """Apply one /command; returns False when it says to quit."""
+    global generator
+    name, _, value = line[1:].strip().partition(' ')
+    if name in ('quit', 'exit', 'q'):
+        return False
+    if name == 'help':
+        print(HELP.format(**globals()))
+    elif name == 'reset':
+        history.clear()
+        print("conversation cleared")
+    elif name in SETTINGS:
+        old = globals()[name]
+        try:
+            globals()[name] = SETTINGS[name](value.strip())
+        except ValueError:
+            print(f"error: /{name} needs a number, e.g. /{name} {old}")
+            return True
+        if settings_error():
+            print(f"error: {settings_error()}")
+            globals()[name] = old
+            return True
+        if name == 'seed':
+            generator = torch.Generator(device=device).manual_seed(seed)
+        print(f"{name} = {globals()[name]}")
+    else:
+        print(f"error: unknown command /{name}: /help lists the commands")
+    return True
+
+
+def interact():
+    show_prompt = sys.stdin.isatty()
+    print(f"interactive: {'a message' if chat else 'a prompt'} per line; /help for commands, /quit to exit",
+          flush=True)
+    while True:
+        if show_prompt:
+            print('> ', end='', flush=True)
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            line = ''
+        if not line:  # end of input
+            print()
+            return
+        line = line.rstrip('\r\n')
+        if line.startswith('/'):
+            if not command(line):
+                return
+            continue
+        text = line.replace('\\n', '\n')
+        ids = encode(text, history) if text else []
+        if not ids:
+            continue
+        try:
+            reply = complete(ids)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
+            print("\n[interrupted]", flush=True)
+            continue
+        if chat:
+            history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": reply}])
+
+
+history = []  # the conversation (chat formats)
+if interactive:
+    interact()
+    sys.exit(0)
 
 # encode the beginning of the prompt
 if start.startswith('FILE:'):
@@ -75,33 +240,13 @@ if start.startswith('FILE:'):
             start = f.read()
     except OSError as e:
         fail(f"cannot read the prompt file {start[5:]!r}: {e.strerror}")
-start_ids = tok.encode(start, allow_special=True)
+start_ids = encode(start, history)
 if not start_ids:
     fail("the prompt is empty: give --start at least one token")
-x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
-generator = torch.Generator(device=device).manual_seed(seed)
-
-
-def generate(idx, n):
-    """model.generate (KV cache) within the model's block_size; past it, continue from the last
-    block_size // 2 tokens, so samples can be longer than the context."""
-    while n > 0:
-        context = idx if idx.size(1) + n <= block_size else idx[:, -(block_size // 2):]
-        steps = min(n, block_size - context.size(1))
-        out = model.generate(context, steps, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                             generator=generator)
-        idx, n = torch.cat([idx, out[:, context.size(1):]], dim=1), n - steps
-    return idx
-
 
 # run generation
-new_tokens, seconds = 0, 0.0
-with torch.no_grad():
-    for k in range(num_samples):
-        t0 = time.perf_counter()
-        y = generate(x, max_new_tokens)
-        seconds += time.perf_counter() - t0
-        new_tokens += y.size(1) - x.size(1)
-        print(tok.decode(y[0].tolist()))
-        print('---------------')
-print(f"{new_tokens} tokens in {seconds:.2f}s: {new_tokens / max(seconds, 1e-9):.1f} tokens/s")
+for k in range(num_samples):
+    if not chat:
+        print(tok.decode(start_ids), end='', flush=True)  # the prompt, then its continuation as it comes
+    complete(start_ids)
+    print('---------------')

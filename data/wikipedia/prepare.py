@@ -12,8 +12,9 @@ Writes train.bin, val.bin, test.bin and meta.json.
 n_train documents are train, the next n_val val, the next n_test test. A file with fewer documents
 than that is split 80/10/10 instead: val and test get len//10 documents each (at least one).
 From the hub the slices are train[:n_train], train[n_train:n_train+n_val], and n_test documents
-from 81000 on (or right after val, if that is later).
+from 81000 on (or right after val, if that is later), streamed: only the first ~82,000 articles are read.
 """
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -33,9 +34,21 @@ def hub_documents(args):
              "(or pass --input=PATH to a local .jsonl file)")
     n_train, n_val, n_test = args.n_train, args.n_val, args.n_test
     test_start = max(TEST_START, n_train + n_val)
-    slices = {"train": f"train[:{n_train}]", "val": f"train[{n_train}:{n_train + n_val}]",
-              "test": f"train[{test_start}:{test_start + n_test}]"}
-    return {name: load_dataset("wikimedia/wikipedia", "20231101.en", split=s)["text"] for name, s in slices.items()}
+    ranges = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (test_start, test_start + n_test)}
+    # streamed, in the order the slices train[a:b] index: a sliced load_dataset would first download and
+    # convert all of English Wikipedia (6.4M articles, ~11 GB) to keep 12,000 of them
+    splits = {name: [] for name in ranges}
+    try:
+        stream = load_dataset("wikimedia/wikipedia", "20231101.en", split="train", streaming=True)
+        for i, row in enumerate(itertools.islice(stream, test_start + n_test)):
+            for name, (start, end) in ranges.items():
+                if start <= i < end:
+                    splits[name].append(row["text"])
+    except Exception as e:  # the network and hub libraries raise many kinds; the user's fix is the same
+        reason = (str(e).strip().splitlines() or [""])[0]
+        fail(f"could not read wikimedia/wikipedia from the Hugging Face Hub ({type(e).__name__}: {reason}): "
+             f"check the network, or pass --input=PATH to a local .jsonl file")
+    return splits
 
 
 def file_documents(args):
