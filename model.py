@@ -931,7 +931,7 @@ def device_peak_flops(device="cpu", dtype=torch.float32):
     return measure_matmul_flops(device, dtype)
 
 
-def measure_matmul_flops(device, dtype, n=1024, reps=5):
+def measure_matmul_flops(device, dtype, n=1024, reps=20):  # best of 20: a busy machine still shows its peak
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
