@@ -34,7 +34,7 @@ from dataclasses import replace
 
 import torch
 
-from model import GPT, MLP, GPTConfig, KVCache, attention, device_peak_flops
+from model import GPT, MLP, GPTConfig, KVCache, MoE, attention, device_peak_flops
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -437,20 +437,20 @@ def bench_moe():
 # -----------------------------------------------------------------------------
 # mode=decode: KV-cache decoding vs transformers' generate vs nanoGPT's re-run-everything loop
 
-def decode_ours(net, prompt, n, step_fn=None):
-    """Greedy KV-cache decoding: generate_stream (or, with step_fn, the same loop around a compiled step)."""
-    if step_fn is None:
-        return [t[0] for t in net.generate_stream([prompt], n, temperature=0)]
-    cache = KVCache(net, 1, len(prompt) + n, torch.zeros(1, dtype=torch.long, device=device))
-    with torch.no_grad():
-        logits = step_fn(torch.tensor([prompt], device=device), cache)
-        out = []
-        for i in range(n):
-            tok = logits.argmax(-1, keepdim=True)
-            out.append(tok.item())
-            if i < n - 1:
-                logits = step_fn(tok, cache)
-    return out
+def decode_ours(net, prompt, n):
+    """Greedy KV-cache decoding with generate_stream (the compiled step after net.compile_decode())."""
+    return [t[0] for t in net.generate_stream([prompt], n, temperature=0)]
+
+
+@torch.no_grad()
+def matmuls_only(net, n):
+    """n tokens' worth of the model's Linear layers alone, one row each, in its layout: the weight reads that bound
+    a decode step from below (attention, norms, the cache and Python are left out)."""
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(1, 1, m.in_features, device=device) for m in linears]
+    for _ in range(n):
+        for m, x in zip(linears, xs):
+            torch.nn.functional.linear(x, m.weight, m.bias)
 
 
 @torch.no_grad()
@@ -490,31 +490,42 @@ def bench_decode():
         hf = load_hf(base, tmp).eval()
     hf.generation_config.eos_token_id = None  # run all new_tokens (random weights may pick the eos id)
     hf.generation_config.pad_token_id = 0
+    ours = {'nanoforge KV cache': dec}
+    compile_s, comp = None, None
+    if compile:  # a second copy whose one-token step is compiled; its first call waits for the compile
+        comp = copy.deepcopy(dec)
+        if comp.compile_decode():
+            ours['nanoforge KV cache, compiled step'] = comp
+            compile_s = timed(lambda: decode_ours(comp, prompt, 2))
     outputs = {}
-    step_fn = torch.compile(dec.forward_cached) if compile else None
 
     def run(name, fn):
         def go():
             outputs[name] = fn()
         return go
 
-    runs = {'nanoforge KV cache': run('ours', lambda: decode_ours(dec, prompt, new_tokens, step_fn)),
-            'transformers generate': run('hf', lambda: decode_hf(hf, prompt, new_tokens)),
-            "nanoGPT loop (no cache)": run('nano', lambda: decode_nanogpt(base, prompt, new_tokens))}
+    runs = {name: run(name, lambda net=net: decode_ours(net, prompt, new_tokens)) for name, net in ours.items()}
+    runs['transformers generate'] = run('hf', lambda: decode_hf(hf, prompt, new_tokens))
+    runs["nanoGPT loop (no cache)"] = run('nano', lambda: decode_nanogpt(base, prompt, new_tokens))
+    runs["floor: the Linear layers alone"] = lambda: matmuls_only(dec, new_tokens)
     if not nanogpt_repeats:
         del runs["nanoGPT loop (no cache)"]
     times = interleaved(runs, repeats, warmup, only_first={"nanoGPT loop (no cache)": nanogpt_repeats})
     header(f"greedy decoding, {prompt_tokens}-token prompt, {new_tokens} new tokens, batch 1, {dtype}")
-    print(f"model: {model} {model_args} ({base.num_params() / 1e6:.1f}M parameters, random weights); ours: "
-          f"generate_stream{' with torch.compile(forward_cached)' if compile else ''}"
-          f"{' after use_decode_layout()' if device_type == 'cpu' else ''}; transformers: "
-          f"{type(hf).__name__}.generate(do_sample=False, use_cache=True), attn "
+    weight_mb = sum(m.weight.nbytes for m in dec.modules() if isinstance(m, torch.nn.Linear)) / 1e6
+    print(f"model: {model} {model_args} ({base.num_params() / 1e6:.1f}M parameters, random weights; its Linear "
+          f"weights, read once per token: {weight_mb:.0f} MB); ours: generate_stream"
+          f"{' after use_decode_layout()' if device_type == 'cpu' else ''}"
+          f"{f', and with compile_decode() (compile: {compile_s:.0f} s, not in the times)' if compile_s else ''}; "
+          f"transformers: {type(hf).__name__}.generate(do_sample=False, use_cache=True), attn "
           f"{hf.config._attn_implementation}; nanoGPT: hidden_states over the whole (cropped) context, lm_head on "
-          f"the last position, every token. {warmup} warmup + {repeats} interleaved repeats "
-          f"(nanoGPT: {nanogpt_repeats}); tokens/s includes the prompt pass")
-    nano = f", nanoGPT loop {same_prefix(outputs['nano'], outputs['hf'])}/{new_tokens}" if 'nano' in outputs else ""
-    print(f"greedy tokens equal to transformers' (same prefix): ours {same_prefix(outputs['ours'], outputs['hf'])}/"
-          f"{new_tokens}{nano}\n")
+          f"the last position, every token; floor: the model's Linear layers alone, one token each, "
+          f"{new_tokens} times. {warmup} warmup + {repeats} interleaved repeats (nanoGPT: {nanogpt_repeats}); "
+          f"tokens/s includes the prompt pass; load average {os.getloadavg()[0]:.1f} at the end")
+    same = [f"{name} {same_prefix(outputs[name], outputs['hf'])}/{new_tokens}" for name in ours]
+    if 'nano' in outputs:
+        same.append(f"nanoGPT loop {same_prefix(outputs['nano'], outputs['hf'])}/{new_tokens}")
+    print(f"greedy tokens equal to transformers' (same prefix): {', '.join(same)}\n")
     hf_rate = new_tokens / med(times['transformers generate'])
     rows = []
     for name, ts in times.items():
@@ -524,7 +535,7 @@ def bench_decode():
     table(['gpt2 decode', 's per run (median)', 'range s', 'tokens/s', 'vs transformers (target >= 1.5x)'], rows)
     if profile:
         profile_decode(dec, prompt)
-    del base, dec, hf
+    del base, dec, hf, ours, comp
     if extra:
         decode_extra()
 
@@ -544,26 +555,48 @@ def profile_decode(net, prompt, steps=32):
                                                               max_name_column_width=30, max_shapes_column_width=60))
 
 
+def decode_weight_bytes(net):
+    """Bytes of weights one decode step reads: every Linear (the head included) and the active share of the experts."""
+    total = sum(m.weight.nbytes for m in net.modules() if isinstance(m, torch.nn.Linear))
+    cfg = net.config
+    for m in net.modules():
+        if isinstance(m, MoE):
+            total += (m.gate_up.nbytes + m.down.nbytes) * cfg.n_expert_active // cfg.n_expert
+    return total
+
+
 def decode_extra():
-    """Tokens/s of gemma3-270m and a GPT-OSS model (random weights), then the kvmemory runs in fresh processes."""
-    rows = []
-    for name, args in (('gemma3-270m', {}), (oss_model, {})):
+    """gemma3-270m and a GPT-OSS model (random weights): ours vs transformers' generate, interleaved; then the
+    kvmemory runs in fresh processes."""
+    rows, n_rep = [], max(1, repeats - 1)
+    for name in ('gemma3-270m', oss_model):
         torch.manual_seed(seed)
         t0 = time.perf_counter()
-        net = GPT(GPTConfig.preset(name, **args)).to(device).eval()
+        net = GPT(GPTConfig.preset(name)).to(device).eval()
         built = time.perf_counter() - t0
+        prompt = torch.randint(net.config.vocab_size, (prompt_tokens,)).tolist()
+        with tempfile.TemporaryDirectory() as tmp:  # GPT-OSS has no SDPA path in transformers (sinks): eager
+            hf = load_hf(net, tmp, **({'attn_implementation': 'eager'} if net.config.attn_sinks else {})).eval()
+        hf.generation_config.eos_token_id = None  # run all extra_tokens
+        hf.generation_config.pad_token_id = 0
         if device_type == 'cpu':
             net.use_decode_layout()
-        prompt = torch.randint(net.config.vocab_size, (prompt_tokens,)).tolist()
-        decode_ours(net, prompt, 4)  # warmup
-        ts = [timed(lambda: decode_ours(net, prompt, extra_tokens)) for _ in range(max(1, repeats - 1))]
+        outputs = {}
+        runs = {'ours': lambda: outputs.__setitem__('ours', decode_ours(net, prompt, extra_tokens)),
+                'hf': lambda: outputs.__setitem__('hf', decode_hf(hf, prompt, extra_tokens))}
+        times = interleaved(runs, n_rep, 1)
+        ours, theirs = extra_tokens / med(times['ours']), extra_tokens / med(times['hf'])
         n, na = net.num_params(), net.num_params(active=True)
-        rows.append([name, f"{n / 1e6:.0f}M ({na / 1e6:.0f}M active)", f"{n * 4 / 2**30:.2f}",
-                     f"{extra_tokens / med(ts):.1f}", f"{built:.0f}"])
-        del net
+        rows.append([name, f"{n / 1e6:.0f}M ({na / 1e6:.0f}M active)", f"{decode_weight_bytes(net) / 1e6:.0f}",
+                     f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}x",
+                     f"{same_prefix(outputs['ours'], outputs['hf'])}/{extra_tokens}", f"{built:.0f}"])
+        del net, hf
     print(f"### other families: greedy KV-cache decoding, {prompt_tokens}-token prompt, {extra_tokens} new tokens, "
-          f"random weights, {dtype}, median of {max(1, repeats - 1)}\n")
-    table(['model', 'parameters', 'fp32 GiB', 'tokens/s', 'build s'], rows)
+          f"random weights, {dtype}, {n_rep} interleaved repeats after 1 warmup (medians); transformers "
+          f"generate(do_sample=False) on the same weights (GPT-OSS: attn eager); load average "
+          f"{os.getloadavg()[0]:.1f} at the end\n")
+    table(['model', 'parameters', 'weights read per token MB', 'tokens/s', 'transformers tokens/s', 'vs transformers',
+           'same greedy tokens', 'build s'], rows)
     print("### KV-cache memory of long generations: a small Gemma 3 (6 layers, 5 sliding of window 512 + 1 full, "
           "4 KV heads of 256), each run in a fresh process: python bench.py --mode=kvmemory --gen_tokens=N; "
           "the last row: the same model with attn_pattern=F\n")

@@ -573,10 +573,22 @@ class GPT(nn.Module):
         if not sites:
             raise ValueError(f"lora_targets {self.config.lora_targets!r} match no weight; names look like "
                              f"'transformer.h.0.attn.c_attn', 'h.0.mlp.c_fc', 'h.7.mlp.down' (experts)")
+        if self.config.tie_embeddings and any(module is self.lm_head for _, module, _ in sites):
+            # merging would add the head's update to the shared embedding matrix too
+            raise ValueError(f"lora_targets {self.config.lora_targets!r} match lm_head, whose weight is the token "
+                             f"embedding (tie_embeddings): leave lm_head out of lora_targets")
         return sites
 
-    def add_lora(self):
+    def add_lora(self, **lora_fields):
+        """Adapters on every weight lora_targets names, after setting the lora_* config fields given (e.g.
+        add_lora(lora_rank=8) on a loaded model). B starts at 0, so the model's outputs do not change."""
+        for name, value in lora_fields.items():
+            if not name.startswith("lora_") or not hasattr(self.config, name):
+                raise ValueError(f"{name!r} is not a LoRA field of GPTConfig")
+            setattr(self.config, name, value)
         cfg = self.config
+        if cfg.lora_rank <= 0:
+            raise ValueError(f"lora_rank must be positive to add adapters, got {cfg.lora_rank}")
         for _, module, tensor in self.lora_sites():
             if tensor is None:
                 module.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
@@ -700,9 +712,14 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu", **overrides):
         """A Hugging Face GPT-2, Gemma 3 or GPT-OSS checkpoint: a hub id (gpt2, google/gemma-3-270m,
-        openai/gpt-oss-20b, ...) or a local directory with config.json and safetensors."""
+        openai/gpt-oss-20b, ...) or a local directory with config.json and safetensors. overrides: GPTConfig
+        fields; lora_rank etc. add fresh float32 adapters on top of the loaded weights."""
         import hf
-        return hf.load_pretrained(cls, name_or_path, dtype=dtype, device=device, **overrides)
+        lora = {k: overrides.pop(k) for k in list(overrides) if k.startswith("lora_")}
+        model = hf.load_pretrained(cls, name_or_path, dtype=dtype, device=device, **overrides)
+        if lora.get("lora_rank"):  # after the weights: adapters built on the meta device would stay uninitialised
+            model.add_lora(**lora)
+        return model
 
     def save_pretrained(self, path, dtype=None, max_shard_bytes=5 * 2**30):
         """Write the Hugging Face layout (config.json + safetensors) that transformers loads."""
@@ -730,9 +747,13 @@ class GPT(nn.Module):
         decode step attends over all of a full layer's preallocated columns (masked past the newest) instead
         of a slice that grows every step, and the column counter is a tensor, so nothing the compiled step
         sees changes shape from step to step or, the length being marked dynamic, from one generation to the
-        next: it compiles once. Prompts (several tokens per row) run uncompiled."""
+        next: it compiles once. Prompts (several tokens per row) run uncompiled. Mixture-of-experts models
+        (GPT-OSS) stay uncompiled: their tokens are grouped by expert in sizes known only at run time, which
+        would break the graph at every layer and recompile for every new grouping. Returns whether it compiled."""
+        if self.config.n_expert:
+            return False
         self._compiled_step = torch.compile(self.one_step, **compile_kwargs)
-        return self
+        return True
 
     @torch.no_grad()
     def use_decode_layout(self):

@@ -5,8 +5,9 @@ $ python sample.py --out_dir=out-shakespeare-char
 $ python sample.py --init_from=gpt2-xl --start="What is the answer to life, the universe, and everything?" --num_samples=5
 $ python sample.py --out_dir=out-shakespeare-char --interactive=True   # type a prompt, get a completion, repeat
 
-Each sample streams as it is generated and ends with a summary line:
-[6 prompt tokens, 500 new tokens, 9.81s, 51.0 tokens/s]
+Each sample streams as it is generated and ends with a summary line (tokens/s counts the new tokens over the
+whole time, the prompt's forward pass included):
+[<n> prompt tokens, <m> new tokens, <seconds>s, <m / seconds> tokens/s]
 
 Interactive mode reads one prompt per line from stdin (type \\n for a newline inside a prompt) and prints the
 completion; lines starting with / change the settings without restarting (/help lists them); /quit or
@@ -36,6 +37,7 @@ seed = 1337
 device = 'auto'  # examples: 'cpu', 'cuda', 'cuda:0', 'cuda:1', etc.; 'auto': cuda when there is one
 dtype = 'auto'  # 'float32' or 'bfloat16' or 'float16'; 'auto': bf16 (or fp16) on GPUs, fp32 on CPU
 compile = False  # torch.compile the one-token decoding step (the first sample waits for the compile)
+threads = 0  # CPU threads (torch.set_num_threads); 0 = torch's default. On a busy machine 1 can be much faster
 tokenizer = ''  # '' = the checkpoint's; a tiktoken name ('gpt2', ...) for models that do not name one (Gemma)
 interactive = False  # read prompts from stdin, one per line, until /quit or end of input
 chat_format = 'auto'  # 'auto': the checkpoint's (chat fine-tunes), else none; 'none': plain text; plain|gemma|harmony
@@ -90,8 +92,8 @@ except (OSError, ValueError) as e:  # Hugging Face loading: a missing directory,
     fail(f"init_from={init_from!r}: {e}")
 if device_type == 'cpu':
     model.use_decode_layout()  # faster one-token steps on CPU
-if compile:
-    model.compile_decode()
+if compile and not model.compile_decode():
+    print("note: --compile skipped: mixture-of-experts models (GPT-OSS) decode uncompiled", file=sys.stderr)
 tok = load_tokenizer(meta)
 block_size = model.config.block_size
 if chat_format == 'auto':
@@ -132,20 +134,20 @@ def complete(ids):
             print(piece, end='', flush=True)
             pieces.append(piece)
     dt = time.perf_counter() - t0
-    print(f"\n[{len(ids)} prompt tokens, {counter[0]} new tokens, {dt:.2f}s, {counter[0] / max(dt, 1e-9):.1f} tokens/s]",
-          flush=True)
+    rate = counter[0] / max(dt, 1e-9)
+    print(f"\n[{len(ids)} prompt tokens, {counter[0]} new tokens, {dt:.2f}s, {rate:.1f} tokens/s]", flush=True)
     return ''.join(pieces)
 
 
 def encode(text, history):
     """The prompt's token ids: the text itself, or in a chat format the conversation so far plus this user
-    message, dropping the oldest turns while prompt + max_new_tokens would overflow the context."""
+    message, dropping the oldest exchanges while prompt + max_new_tokens would overflow the context."""
     if not chat:
         return tok.encode(text, allow_special=True)
     messages = history + [{"role": "user", "content": text}]
     ids = render_prompt(tok, messages, chat_format)
     while len(ids) + max_new_tokens > block_size and len(messages) > 1:
-        messages = messages[1:]
+        messages = messages[2:]  # a user message and the reply to it
         ids = render_prompt(tok, messages, chat_format)
     return ids
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
+import hf
 from configurator import apply_overrides
 from model import GPT, GPTConfig, device_peak_flops
 from tokenizer import read_meta
@@ -47,7 +48,8 @@ log_interval = 1
 eval_iters = 200
 eval_only = False  # if True, script exits right after the first eval
 always_save_checkpoint = True  # if True, always save a checkpoint after each eval (else only when val improves)
-init_from = 'scratch'  # 'scratch', 'resume' (from out_dir) or a Hugging Face name or path ('gpt2', 'gpt2-xl', ...)
+init_from = 'scratch'  # 'scratch', 'resume' (from out_dir), a Hugging Face name or path ('gpt2', 'gpt2-xl', ...)
+# or another run's out_dir: fine-tune that checkpoint (a LoRA run's adapters are merged into it first)
 # wandb logging
 wandb_log = False  # disabled by default
 wandb_project = 'owt'
@@ -65,6 +67,7 @@ n_embd = 768
 dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
 bias = False  # do we use bias inside LayerNorm and Linear layers?
 model_overrides = {}  # any GPTConfig field, applied last to every kind of init, e.g. dict(n_kv_head=2, dropout=0.1)
+# LoRA: model_overrides=dict(lora_rank=8, lora_alpha=16.0, lora_targets='attn.c_attn,attn.c_proj') trains adapters only
 # optimizer
 optimizer = 'adamw'  # 'adamw' (fused) or 'muon' (Muon on the hidden weight matrices, AdamW on the rest)
 learning_rate = 6e-4  # max learning rate
@@ -84,6 +87,8 @@ device = 'auto'  # 'cpu', 'cuda', 'cuda:1', 'mps', or 'auto': cuda when there is
 dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' (with a GradScaler); 'auto': bf16 or fp16 on GPUs, fp32 on CPU
 compile = True  # use PyTorch 2.0 to compile the model to be faster
 gradient_checkpointing = False  # recompute each block's activations in backward: less memory, ~30% more compute
+base_dtype = 'float32'  # LoRA: dtype of the frozen base weights; 'bfloat16' halves their memory (with dtype=bfloat16)
+estimate_only = False  # print this run's memory estimate and exit: from the config alone, no data or weights loaded
 seed = 1337
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, dict))]
@@ -127,7 +132,8 @@ micro_steps = slice(rank * local_steps, (rank + 1) * local_steps)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master_process:
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
-    os.makedirs(out_dir, exist_ok=True)
+    if not estimate_only:
+        os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)  # the same initial weights in every process
 torch.set_float32_matmul_precision('high')  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
@@ -136,12 +142,18 @@ if dtype == 'auto':
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
 if ptdtype is None:
     fail(f"dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
+base_ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(base_dtype)
+if base_ptdtype is None:
+    fail(f"base_dtype {base_dtype!r} is not one of float32, bfloat16, float16")
+if base_ptdtype != torch.float32 and ptdtype == torch.float32:  # float32 activations cannot meet 16-bit weights
+    fail(f"base_dtype={base_dtype} needs autocast: set dtype={base_dtype} too")
 ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
 if optimizer not in ('adamw', 'muon'):
     fail(f"optimizer {optimizer!r} is not one of adamw, muon")
 
 # -----------------------------------------------------------------------------
-# data: flat token streams (train.bin, val.bin) and meta.json, made by data/<dataset>/prepare.py
+# data: flat token streams (train.bin, val.bin) and meta.json, made by data/<dataset>/prepare.py; or chat data for
+# supervised fine-tuning (data/chat/prepare.py): fixed rows of row_len tokens plus loss masks (train_mask.bin, ...)
 
 
 def find_data_dir():
@@ -161,28 +173,63 @@ def find_data_dir():
     return data_dir
 
 
-data_dir = find_data_dir()
-meta = read_meta(data_dir)
-data_dtype = np.dtype(meta['dtype'])
-for split in ('train', 'val'):
-    n_tokens = os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // data_dtype.itemsize
-    if n_tokens <= block_size:
-        fail(f"{split}.bin of {dataset!r} has {n_tokens} tokens, fewer than block_size + 1 ({block_size + 1})")
+def trained_rows(split):
+    """Chat data: the rows with at least one trained target (a row of prompt or padding only would give a
+    micro-batch nothing to learn, and a 0/0 loss), checked against meta.json."""
+    row_len = meta.get('row_len')
+    if not row_len:
+        fail(f"dataset {dataset!r} has {split}_mask.bin but its meta.json has no row_len: re-run data/chat/prepare.py")
+    if block_size + 1 != row_len:
+        fail(f"dataset {dataset!r} holds rows of {row_len} tokens (prepared with --block_size={row_len - 1}): set "
+             f"block_size={row_len - 1}, or prepare it again with --block_size={block_size}")
+    tokens, mask = (os.path.join(data_dir, f'{split}{suffix}.bin') for suffix in ('', '_mask'))
+    if not os.path.isfile(mask):
+        fail(f"dataset {dataset!r} has train_mask.bin but no {split}_mask.bin: re-run data/chat/prepare.py")
+    n_tokens = os.path.getsize(tokens) // data_dtype.itemsize
+    if n_tokens % row_len or os.path.getsize(mask) != n_tokens:
+        fail(f"{split}.bin and {split}_mask.bin of {dataset!r} are not rows of {row_len} tokens with one mask byte "
+             f"each: re-run data/chat/prepare.py")
+    rows = np.flatnonzero(np.memmap(mask, dtype=np.uint8, mode='r').reshape(-1, row_len)[:, 1:].any(axis=1))
+    if len(rows) == 0:
+        fail(f"{split} of {dataset!r} has no assistant tokens to train on")
+    return rows
+
+
+data_dir = None if estimate_only else find_data_dir()
+meta = read_meta(data_dir) if data_dir else {}
+sft = bool(data_dir) and os.path.isfile(os.path.join(data_dir, 'train_mask.bin'))
+if data_dir:
+    data_dtype = np.dtype(meta['dtype'])
+    sft_rows = {split: trained_rows(split) for split in ('train', 'val')} if sft else None
+    for split in ('train', 'val'):
+        n_tokens = os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // data_dtype.itemsize
+        if n_tokens <= block_size:
+            fail(f"{split}.bin of {dataset!r} has {n_tokens} tokens, fewer than block_size + 1 ({block_size + 1})")
 
 
 def get_batch(split, key, n, rows):
     """Inputs and targets (len(rows), batch_size, block_size) of micro-batches `rows` out of n micro-batches
-    drawn from one generator seeded by `key`: every process draws the same offsets and keeps its own rows."""
+    drawn from one generator seeded by `key`: every process draws the same offsets and keeps its own rows.
+    Chat data: whole rows, and targets outside the loss mask (prompts, padding) are -1, which the loss skips."""
     # we recreate np.memmap every batch to avoid a memory leak, as per
     # https://stackoverflow.com/questions/45132940/numpy-memmap-memory-usage-want-to-iterate-once/61472122#61472122
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=data_dtype, mode='r')
+    if sft:
+        data = data.reshape(-1, block_size + 1)
+        ix = sft_rows[split][np.random.default_rng(key).integers(len(sft_rows[split]), size=(n, batch_size))[rows]]
+        xy = torch.from_numpy(data[ix].astype(np.int64))
+        mask = np.memmap(os.path.join(data_dir, f'{split}_mask.bin'), dtype=np.uint8, mode='r')
+        trained = torch.from_numpy(mask.reshape(-1, block_size + 1)[ix][..., 1:] == 1)
+        return to_device(xy[..., :-1]), to_device(xy[..., 1:].masked_fill(~trained, -1))
     ix = np.random.default_rng(key).integers(len(data) - block_size, size=(n, batch_size))[rows]
-    xy = torch.from_numpy(data[ix[..., None] + np.arange(block_size + 1)].astype(np.int64))
-    if device_type == 'cuda':  # pin arrays xy, which allows us to move them to GPU asynchronously (non_blocking=True)
-        xy = xy.pin_memory().to(device, non_blocking=True)
-    else:
-        xy = xy.to(device)
+    xy = to_device(torch.from_numpy(data[ix[..., None] + np.arange(block_size + 1)].astype(np.int64)))
     return xy[..., :-1], xy[..., 1:]
+
+
+def to_device(t):
+    if device_type == 'cuda':  # pin arrays, which allows us to move them to GPU asynchronously (non_blocking=True)
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -199,7 +246,8 @@ def requested_config():
     else:
         base = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout,
                     qkv_bias=bias, attn_out_bias=bias, mlp_bias=bias, norm_bias=bias)
-    return make_config({**base, 'vocab_size': meta['vocab_size'], **checked_overrides()})
+    vocab = {'vocab_size': meta['vocab_size']} if meta else {}  # estimate_only reads no data: the preset's
+    return make_config({**base, **vocab, **checked_overrides()})
 
 
 def checked_overrides():
@@ -215,6 +263,19 @@ def checked_overrides():
     return model_overrides
 
 
+LORA_DEFAULTS = {f.name: f.default for f in fields(GPTConfig) if f.name.startswith('lora_')}
+
+
+def lora_settings():
+    """The adapters model_overrides asks for (every lora_* field, unset ones at their defaults), or {} for none."""
+    asked = {k: v for k, v in checked_overrides().items() if k in LORA_DEFAULTS}
+    return {**LORA_DEFAULTS, **asked} if asked.get('lora_rank') else {}
+
+
+def base_overrides():
+    return {k: v for k, v in checked_overrides().items() if k not in LORA_DEFAULTS}
+
+
 def make_config(d):
     try:
         return GPTConfig(**d)
@@ -222,14 +283,125 @@ def make_config(d):
         fail(f"invalid model config: {e}")
 
 
+def hf_config(name_or_path):
+    """The GPTConfig of a Hugging Face checkpoint from its config.json alone (a hub id downloads just that file)."""
+    path = os.path.join(name_or_path, 'config.json')
+    if not os.path.isdir(name_or_path):
+        try:
+            from huggingface_hub import hf_hub_download
+            path = hf_hub_download(name_or_path, 'config.json')
+        except Exception as e:  # offline, a wrong name, a gated model: several kinds
+            reason = (str(e).strip().splitlines() or [''])[0]
+            raise OSError(f"no local directory of that name, and no config.json from the Hugging Face Hub "
+                          f"({type(e).__name__}: {reason})") from None
+    with open(path, encoding='utf-8') as f:
+        return hf.config_from_hf(json.load(f))
+
+
+def planned_config():
+    """The architecture this run trains, read from configs alone (no weights): for the memory estimate."""
+    try:
+        if init_from == 'scratch':
+            return requested_config()
+        if init_from == 'resume':
+            return checkpoint.model_config(checkpoint.read(out_dir))
+        if checkpoint.find(init_from) is not None:  # another run's out_dir; its own adapters get merged
+            base = checkpoint.model_config(checkpoint.read(init_from)).to_dict()
+        else:
+            base = hf_config(init_from).to_dict()
+    except checkpoint.CheckpointError as e:
+        fail(str(e))
+    except (OSError, ValueError) as e:
+        fail(f"init_from={init_from!r}: {e}")
+    return make_config({**base, 'lora_rank': 0, **base_overrides(), **lora_settings()})
+
+
+def prepare_for_training(m):
+    """LoRA trains the adapters only, and their frozen base may be stored in base_dtype (also on the meta device)."""
+    if m.config.lora_rank:
+        for name, p in m.named_parameters():
+            p.requires_grad_('lora' in name)
+            if 'lora' not in name:
+                p.data = p.data.to(base_ptdtype)
+    m.gradient_checkpointing = gradient_checkpointing
+    return m
+
+
+def is_muon_param(name, p):
+    """optimizer='muon': the 2D weights inside the blocks (not the router); AdamW takes the rest."""
+    return p.dim() == 2 and name.startswith('transformer.h.') and '.router.' not in name
+
+
+def memory_estimate(m):
+    """Rough device memory of this run per process, in bytes: weights, gradients, optimizer state, and the
+    activations of one micro-batch (the peak comes in its backward pass). Reads only shapes, dtypes and
+    requires_grad, so m may live on the meta device: estimate_only builds nothing else."""
+    named = list(m.named_parameters())  # each shared (tied) parameter once
+    size = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+    trained = [(n, p) for n, p in named if p.requires_grad]
+    momentum_only = [p for n, p in trained if optimizer == 'muon' and is_muon_param(n, p)]
+    return dict(weights=size(p for _, p in named), gradients=size(p for _, p in trained),
+                optimizer=2 * size(p for _, p in trained) - size(momentum_only),  # AdamW: 2 moments, Muon: 1
+                activations=activation_bytes(m.config))
+
+
+def activation_bytes(cfg):
+    """Activations kept for backward in one micro-batch, counted per token and layer from what a block saves:
+    norm and projection inputs, q/k/v (GQA's repeated k/v too) and the attention output, the MLP's (or the top-k
+    experts') hidden states. Gradient checkpointing keeps each block's input and recomputes one block at a time.
+    Fused (GPU) attention is assumed: no T x T scores, except the additive mask attention sinks need. The logits
+    with their float32 log-probabilities and gradients come on top, the largest term for big vocabularies."""
+    a = 4 if ptdtype == torch.float32 else 2  # bytes per activation: autocast computes in 16 bits
+    tokens = batch_size * block_size
+    C, q, kv, hidden = cfg.n_embd, cfg.n_head * cfg.hd, cfg.kv_heads * cfg.hd, cfg.hidden
+    attn = 2 * C + 3 * q + 2 * kv + (2 * q if kv != q else 0)
+    if cfg.n_expert:  # each token's rows through gate_up, the clamped SwiGLU's intermediates, down, weighting
+        mlp = 2 * C + cfg.n_expert_active * (2 * C + 7 * hidden)
+    else:  # c_fc's output and the activation's; gated: [gate | up], act(gate) and the product
+        mlp = 2 * C + (2 if cfg.mlp == 'gelu' else 4) * hidden
+    block = tokens * (attn + mlp + (2 * C if cfg.sandwich_norm else 0)) * a
+    if cfg.attn_sinks:
+        block += cfg.n_head * block_size * (block_size + 1) * a
+    blocks = cfg.n_layer * tokens * C * a + block if gradient_checkpointing else cfg.n_layer * block
+    return blocks + tokens * cfg.vocab_size * (a + 12)
+
+
+def print_memory_estimate(m):
+    est = memory_estimate(m)
+    n_trained = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in m.parameters())
+    if m.config.lora_rank:
+        print(f"training {n_trained:,} LoRA adapter parameters, {100 * n_trained / n_all:.3f}% of {n_all:,}")
+    else:
+        print(f"training all {n_all:,} parameters")
+    human = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"  # noqa: E731
+    print(f"memory estimate (rough, per process): {', '.join(f'{k} {human(v)}' for k, v in est.items())}; "
+          f"total {human(sum(est.values()))} (micro-batch {batch_size} x {block_size} tokens, {dtype}, "
+          f"gradient checkpointing {'on' if gradient_checkpointing else 'off'})")
+
+
+planned = planned_config()
+if planned.lora_rank == 0 and base_ptdtype != torch.float32:
+    fail(f"base_dtype={base_dtype} is for the frozen weights of LoRA runs: add lora_rank to model_overrides, or "
+         f"train all weights with base_dtype=float32")
+try:
+    with torch.device('meta'):  # the estimate builds no weights: shapes and dtypes only
+        estimate_model = prepare_for_training(GPT(planned))
+except ValueError as e:  # lora_targets that match nothing, or a tied head
+    fail(f"model_overrides: {e}")
+if master_process:
+    print_memory_estimate(estimate_model)
+if estimate_only:
+    sys.exit(0)
+
 iter_num = 0
 best_val_loss = float('inf')
-origin = init_from  # 'scratch' or the Hugging Face model the weights came from, carried through resumes
+origin = init_from  # 'scratch', or the Hugging Face model or out_dir the weights came from, kept through resumes
 ckpt_info = None
 if init_from == 'scratch':
     if master_process:
         print("Initializing a new model from scratch")
-    raw_model = GPT(requested_config())
+    raw_model = GPT(planned)
 elif init_from == 'resume':
     if master_process:
         print(f"Resuming training from {out_dir}")
@@ -261,11 +433,31 @@ elif init_from == 'resume':
     iter_num = ckpt_info['iter_num']
     best_val_loss = ckpt_info['best_val_loss'] if ckpt_info['best_val_loss'] is not None else float('inf')
     seed = ckpt_info['seed']  # continue the checkpoint's data stream and dropout RNG
+elif checkpoint.find(init_from) is not None:
+    if master_process:
+        print(f"Initializing from the checkpoint in {init_from}")
+    try:
+        init_info = checkpoint.read(init_from)
+        init_meta = checkpoint.load_meta(init_info)
+        own = checkpoint.model_config(init_info).to_dict()  # with its own adapters, if any, so that they load
+        raw_model = checkpoint.load_weights(hf.empty_model(GPT, make_config({**own, **base_overrides()})),
+                                            init_info)
+    except checkpoint.CheckpointError as e:
+        fail(str(e))
+    if any(init_meta.get(k) != meta.get(k) for k in ('tokenizer', 'vocab_size', 'chars')):
+        fail(f"vocab mismatch: the checkpoint in {init_from} was trained on tokenizer {init_meta.get('tokenizer')!r} "
+             f"({init_meta.get('vocab_size')} tokens), dataset {dataset!r} uses {meta['tokenizer']!r} "
+             f"({meta['vocab_size']} tokens): prepare the dataset with the checkpoint's tokenizer (for 'char': the "
+             f"same characters)")
+    raw_model.merge_lora()  # a LoRA run's adapters become part of the weights this run starts from
+    if planned.lora_rank:
+        raw_model.add_lora(**lora_settings())
 else:
     if master_process:
         print(f"Initializing from Hugging Face weights: {init_from}")
-    try:
-        raw_model = GPT.from_pretrained(init_from, **checked_overrides())
+    try:  # a LoRA run loads its frozen base straight into base_dtype
+        raw_model = GPT.from_pretrained(init_from, dtype=base_ptdtype, device=device, **base_overrides(),
+                                        **lora_settings())
     except (OSError, ValueError) as e:
         fail(f"init_from={init_from!r}: {e}")
     want = checkpoint.hf_tokenizer(raw_model.config)  # None for Gemma: its tokenizer is not one of ours
@@ -277,11 +469,7 @@ if meta['vocab_size'] > raw_model.config.vocab_size:
          f"{raw_model.config.vocab_size}")
 if block_size > raw_model.config.block_size:
     fail(f"block_size {block_size} is longer than the model's block_size {raw_model.config.block_size}")
-if raw_model.config.lora_rank:  # LoRA fine-tuning: train the adapters only
-    for name, p in raw_model.named_parameters():
-        p.requires_grad_('lora' in name)
-raw_model.gradient_checkpointing = gradient_checkpointing
-raw_model.to(device)
+prepare_for_training(raw_model).to(device)
 
 # -----------------------------------------------------------------------------
 # optimizer(s)
@@ -293,7 +481,7 @@ def make_optimizers(m):
     if optimizer == 'adamw':
         return [m.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)]
     named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
-    hidden = [p for n, p in named if p.dim() == 2 and n.startswith('transformer.h.') and '.router.' not in n]
+    hidden = [p for n, p in named if is_muon_param(n, p)]
     rest = [p for n, p in named if id(p) not in {id(q) for q in hidden}]
     muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn='match_rms_adamw')
     groups = [{'params': [p for p in rest if p.dim() >= 2], 'weight_decay': weight_decay},

@@ -5,7 +5,7 @@
 #
 # on a CPU, a gemma3-shaped model small enough to learn in a few minutes on two cores (the same switches:
 # sandwich norms, q/k norms, gated GELU, MQA, five sliding layers then one full):
-# python train.py config/train_gemma3.py --device=cpu --compile=False --out_dir=out-gemma3-cpu --model_overrides="{'n_layer': 6, 'n_embd': 128, 'n_head': 4, 'head_dim': 32, 'mlp_hidden': 512, 'sliding_window': 64, 'attn_scale_dim': 32}" --block_size=128 --batch_size=8 --gradient_accumulation_steps=1 --learning_rate=2e-3 --max_iters=300 --lr_decay_iters=300 --warmup_iters=20 --eval_interval=100 --eval_iters=20 --log_interval=10
+# python train.py config/train_gemma3.py --device=cpu --compile=False --out_dir=out-gemma3-cpu --model_overrides="{'n_layer': 6, 'n_embd': 128, 'n_head': 4, 'head_dim': 32, 'mlp_hidden': 512, 'sliding_window': 64, 'attn_scale_dim': 32}" --block_size=128 --batch_size=4 --gradient_accumulation_steps=1 --learning_rate=2e-3 --max_iters=300 --lr_decay_iters=300 --warmup_iters=20 --eval_interval=100 --eval_iters=20 --log_interval=10
 #
 # what out_dir holds after training (see checkpoint.py): config.json (architecture and training config),
 # model.safetensors, meta.json (the tokenizer: gpt2, its vocab size and end-of-text id), history.jsonl
