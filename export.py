@@ -129,6 +129,7 @@ def peft_adapter(model, base_model_name_or_path=None):
     architecture. Tensor names follow hf.tensor_layout, which maps each of our weights to Hugging Face's."""
     config = model.config
     family = hf.family_of(config)
+    hf.hf_config_from(config)  # raises for an architecture no transformers class has, naming the field
     hf_names = defaultdict(list)  # our parameter -> its Hugging Face tensors (q/k/v and gate/up share one of ours)
     for entry in hf.tensor_layout(config):
         hf_names[entry.ours].append(entry)
@@ -136,6 +137,8 @@ def peft_adapter(model, base_model_name_or_path=None):
     for site, module, tensor in model.lora_sites():
         if tensor is None:  # a Linear: A [r, in], B [out, r], as PEFT stores them (also for GPT-2's Conv1D)
             A, B = module.lora_A.detach(), module.lora_B.detach()
+            if not hf_names[f'{site}.weight']:
+                raise ValueError(f"the adapter on {site} has no Hugging Face weight to go on")
             for entry in hf_names[f'{site}.weight']:
                 if is_parameter_target(entry.hf):  # GPT-OSS's router
                     target = entry.hf
@@ -152,7 +155,8 @@ def peft_adapter(model, base_model_name_or_path=None):
             parameters.append(entry.hf)
             tensors[f'{entry.hf}.lora_A.weight'] = A.transpose(1, 2).reshape(E * r, n_in)
             tensors[f'{entry.hf}.lora_B.weight'] = B.permute(2, 1, 0).reshape(-1, r * E)
-    tensors = {peft_key(name, parameters): t.to(torch.float32, copy=True).contiguous() for name, t in tensors.items()}
+    tensors = {peft_key(name, parameters): t.to(torch.float32, copy=True).contiguous()  # shared A: copies
+               for name, t in tensors.items()}
     alpha = config.lora_alpha
     adapter_config = dict(
         peft_type='LORA', task_type='CAUSAL_LM', base_model_name_or_path=base_model_name_or_path,
@@ -214,7 +218,7 @@ def main(argv):
     if checkpoint.find(args['out_dir']) is not None and \
             Path(args['export_dir']).resolve() in (Path(args['out_dir']).resolve(),
                                                    Path(checkpoint.find(args['out_dir'])).resolve()):
-        fail("export_dir must be a new directory, not the run's own out_dir (its config.json and weights would "
+        fail("export_dir must not be the run's own out_dir (its config.json and weights would "
              "be overwritten)")
     try:
         model, info, meta = load_run(args['out_dir'])

@@ -187,8 +187,9 @@ class Linear(nn.Linear):
 
     @torch.no_grad()
     def merge_lora(self):
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.lora_scale
-        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)  # at least float32 (float64 stays float64)
+        delta = (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.lora_scale
+        self.weight.copy_((self.weight.to(dtype) + delta).to(self.weight.dtype))
         self.lora_A = self.lora_B = None
 
 
@@ -441,8 +442,9 @@ class MoE(nn.Module):
         for name in ("gate_up", "down"):
             if name + "_A" in self.lora:
                 W = getattr(self, name)
-                delta = torch.bmm(self.lora.pop(name + "_A").float(), self.lora.pop(name + "_B").float())
-                W.copy_((W.float() + delta * self.lora_scale).to(W.dtype))
+                dtype = torch.promote_types(W.dtype, torch.float32)
+                delta = torch.bmm(self.lora.pop(name + "_A").to(dtype), self.lora.pop(name + "_B").to(dtype))
+                W.copy_((W.to(dtype) + delta * self.lora_scale).to(W.dtype))
 
     def forward(self, x):
         """Returns the output and this layer's router logits (for the load-balancing loss)."""

@@ -16,6 +16,10 @@ A run is a function of its config and seed alone: each global batch (every micro
 from one generator seeded by (seed, iteration) and each rank trains on its slice, and dropout is reseeded from
 (seed, rank, iteration). So the loss curve does not depend on the number of processes, and init_from='resume'
 continues exactly where a killed run's checkpoint left off. Checkpoints are crash-safe: see checkpoint.py.
+
+Fine-tuning: chat data from data/chat/prepare.py (rows plus loss masks) makes a run supervised fine-tuning on the
+assistant tokens only; init_from a Hugging Face model or another run's out_dir, and model_overrides with lora_rank
+for LoRA (config/finetune_*.py). Every run first prints a rough memory estimate; estimate_only=True stops there.
 """
 import json
 import math
@@ -461,6 +465,8 @@ else:
     except (OSError, ValueError) as e:
         fail(f"init_from={init_from!r}: {e}")
     want = checkpoint.hf_tokenizer(raw_model.config)  # None for Gemma: its tokenizer is not one of ours
+    if os.path.isfile(os.path.join(init_from, checkpoint.META)):  # export.py's output names its tokenizer
+        want = read_meta(init_from)['tokenizer']
     if want and meta['tokenizer'] != want:
         fail(f"{init_from} was trained with tokenizer {want!r} but dataset {dataset!r} uses {meta['tokenizer']!r}: "
              f"pick a dataset tokenized with {want!r}")

@@ -17,7 +17,7 @@ dataset = 'data/chat/reverse_gemma'
 # rank 16 on every attention and MLP projection of every layer
 model_overrides = dict(lora_rank=16, lora_alpha=32.0, lora_dropout=0.05,
                        lora_targets='attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj')
-dtype = 'bfloat16'  # on a GPU; for a CPU add --dtype=float32 --base_dtype=float32
+dtype = 'bfloat16'  # on a GPU; on a CPU add --dtype=float32 --base_dtype=float32 --compile=False
 base_dtype = 'bfloat16'
 gradient_checkpointing = False
 
