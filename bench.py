@@ -18,6 +18,11 @@ to the mode's default model). Contenders are timed interleaved (their order alte
 so that a noisy, shared machine slows them alike; tables give medians. Results print as markdown tables,
 headed by the machine they ran on (with its load average: on a shared CPU box, --threads=1 gives far
 steadier numbers than two OpenMP threads fighting another process for a core).
+
+On a busy CPU box, also set OMP_WAIT_POLICY=PASSIVE (before Python starts): torch's OpenMP (libgomp) lets
+idle worker threads spin, and when other processes hold the cores every parallel op then waits for a
+descheduled worker; a one-token decode step runs several times slower (we measured 0.7 vs 5 tokens/s at
+load average 8). Decode mode prints the policy in use.
 """
 import ast
 import copy
@@ -521,7 +526,8 @@ def bench_decode():
           f"{hf.config._attn_implementation}; nanoGPT: hidden_states over the whole (cropped) context, lm_head on "
           f"the last position, every token; floor: the model's Linear layers alone, one token each, "
           f"{new_tokens} times. {warmup} warmup + {repeats} interleaved repeats (nanoGPT: {nanogpt_repeats}); "
-          f"tokens/s includes the prompt pass; load average {os.getloadavg()[0]:.1f} at the end")
+          f"tokens/s includes the prompt pass; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
     same = [f"{name} {same_prefix(outputs[name], outputs['hf'])}/{new_tokens}" for name in ours]
     if 'nano' in outputs:
         same.append(f"nanoGPT loop {same_prefix(outputs['nano'], outputs['hf'])}/{new_tokens}")

@@ -6,7 +6,8 @@
 # on a CPU, a small mixture of experts with the same switches (sinks, clamped SwiGLU experts with biases,
 # sliding/full layers, YaRN, top-k routing with the load-balancing loss) learns in a few minutes on two cores:
 # python train.py config/train_gpt_oss.py --device=cpu --compile=False --dtype=float32 --out_dir=out-gpt-oss-cpu --model_overrides="{'n_layer': 4, 'n_embd': 128, 'n_head': 4, 'n_kv_head': 2, 'head_dim': 32, 'mlp_hidden': 256, 'n_expert': 8, 'n_expert_active': 2, 'sliding_window': 64}" --learning_rate=2e-3 --min_lr=1e-4 --max_iters=300 --lr_decay_iters=300 --eval_interval=100 --eval_iters=20 --log_interval=10
-# each eval prints the load-balancing loss and every expert's share of the routed tokens
+# each eval prints the load-balancing loss and every expert's share of the routed tokens (mean over layers:
+# the loss, transformers' formula, balances the load of all layers together, so a layer may idle an expert)
 
 out_dir = 'out-gpt-oss'
 wandb_project = 'gpt-oss'

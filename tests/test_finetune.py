@@ -6,7 +6,7 @@ so a two-layer model learns in a few hundred CPU steps). The base, pretrained he
 instructions that mean "copy the word" (restate, reprint, rewrite) and one that means "reverse it" (flipped),
 never "reverse": asked to reverse, it copies (0% exact). LoRA SFT on "reverse" conversations teaches it to
 follow that instruction, judged on held-out words. (A base that only ever copied needs a new attention pattern,
-which a low-rank update found in about half of the seeds tried: too fragile for a test.)
+which a low-rank update found in at most half of the seeds tried: too fragile for a test.)
 That the loss mask of a rendered conversation covers exactly the assistant tokens is checked in test_chat.py
 against hand-built token sequences; here train.py's loss is checked to count exactly those tokens."""
 import json
@@ -28,8 +28,6 @@ from test_train import assert_one_line_error
 from tokenizer import load_tokenizer, read_meta, render_prompt
 
 transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 EAGER = dict(attn_implementation="eager", experts_implementation="eager")
@@ -41,7 +39,8 @@ PRETRAIN_TASKS = ("restate", "reprint", "rewrite", "flipped")  # all 7 letters: 
 RUN = ["--device=cpu", "--compile=False", "--block_size=40", "--batch_size=64", "--gradient_accumulation_steps=1",
        "--warmup_iters=20", "--weight_decay=0.0", "--eval_iters=2", "--log_interval=50"]
 LORA = "{'lora_rank': 8, 'lora_alpha': 16.0, 'lora_targets': 'attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj'}"
-STEPS = 150  # of LoRA SFT (100 were enough in every seed tried)
+STEPS = 150  # of LoRA SFT (100 sufficed in the seeds tried)
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models gain little from threads; one gives the same sums anywhere
 
 
 def conversation(word, task):
@@ -73,7 +72,8 @@ def base_run(chat_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "base"
     result = run_script("train.py", *RUN, f"--dataset={chat_data['pretrain']}", f"--out_dir={out}", "--n_layer=2",
                         "--n_head=4", "--n_embd=64", "--dropout=0.0", "--learning_rate=3e-3", "--min_lr=3e-4",
-                        "--max_iters=400", "--lr_decay_iters=400", "--eval_interval=400", timeout=900)
+                        "--max_iters=400", "--lr_decay_iters=400", "--eval_interval=400", env=ONE_THREAD,
+                        timeout=900)
     assert result.returncode == 0, result.stderr
     return out
 
@@ -85,7 +85,7 @@ def lora_run(chat_data, base_run, tmp_path_factory):
     result = run_script("train.py", *RUN, f"--dataset={chat_data['reverse']}", f"--out_dir={out}",
                         f"--init_from={base_run}", f"--model_overrides={LORA}", "--learning_rate=1e-2",
                         "--min_lr=1e-3", f"--max_iters={STEPS}", f"--lr_decay_iters={STEPS}",
-                        f"--eval_interval={STEPS}", timeout=900)
+                        f"--eval_interval={STEPS}", env=ONE_THREAD, timeout=900)
     assert result.returncode == 0, result.stderr
     return out, result
 
@@ -157,9 +157,10 @@ def test_lora_from_hugging_face_dir_with_bf16_base_resumes_exactly(chat_data, ba
               f"--model_overrides={{'lora_rank': 4, 'lora_targets': 'attn.c_attn,mlp.c_fc'}}"]
     whole, part = tmp_path / "whole", tmp_path / "part"
     for out, args in ((whole, ["--max_iters=6"]), (part, ["--max_iters=3"])):
-        result = run_script("train.py", *common, f"--init_from={hf_base}", f"--out_dir={out}", *args)
+        result = run_script("train.py", *common, f"--init_from={hf_base}", f"--out_dir={out}", *args, env=ONE_THREAD)
         assert result.returncode == 0, result.stderr
-    result = run_script("train.py", *common, "--init_from=resume", f"--out_dir={part}", "--max_iters=6")
+    result = run_script("train.py", *common, "--init_from=resume", f"--out_dir={part}", "--max_iters=6",
+                        env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
 
     def losses(out):
@@ -258,6 +259,7 @@ def test_merged_trained_model_equals_adapters(lora_run):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_peft_applies_our_adapter(family, tmp_path):
     """export.py's PEFT layout: PeftModel on transformers' model of the same base gives our logits."""
+    PeftModel = pytest.importorskip("peft").PeftModel
     model, base_dir, idx = tiny_with_adapters(family, tmp_path)
     export.export_adapter(model, str(base_dir), str(tmp_path / "adapter"))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -276,6 +278,7 @@ def test_peft_applies_our_adapter(family, tmp_path):
 
 
 def test_export_merged_and_adapter(base_run, lora_run, tmp_path):
+    PeftModel = pytest.importorskip("peft").PeftModel
     tuned, meta = checkpoint.load_model(lora_run[0])
     # merged, bfloat16, sharded: transformers loads it and it still reverses the held-out words
     hf_dir = tmp_path / "hf"
