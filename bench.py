@@ -19,10 +19,11 @@ so that a noisy, shared machine slows them alike; tables give medians. Results p
 headed by the machine they ran on (with its load average: on a shared CPU box, --threads=1 gives far
 steadier numbers than two OpenMP threads fighting another process for a core).
 
-On a busy CPU box, also set OMP_WAIT_POLICY=PASSIVE (before Python starts): torch's OpenMP (libgomp) lets
-idle worker threads spin, and when other processes hold the cores every parallel op then waits for a
-descheduled worker; a one-token decode step runs several times slower (we measured 0.7 vs 5 tokens/s at
-load average 8). Decode mode prints the policy in use.
+OMP_WAIT_POLICY (set before Python starts) matters for decode on a small CPU: torch's OpenMP (libgomp) lets
+idle worker threads spin between ops. On an idle machine that is what keeps a one-token step fast (GPT-2
+decode: 40 tokens/s spinning vs 33 with PASSIVE); on a busy one, every parallel op then waits for a
+descheduled worker and PASSIVE is several times faster (0.7 vs 5 tokens/s at load average 8). Decode mode
+prints the policy in use.
 """
 import ast
 import copy
@@ -335,7 +336,13 @@ def bench_sliding():
             f"{real.flops_per_token(T) / full.flops_per_token(T):.2f}"],
            [f"attention op alone (B={batch_size}, H={H}, T={T}, D={D})",
             f"{ds * 1e3:.1f} ({spread(attn_times['sliding'])})", f"{dfa * 1e3:.1f} ({spread(attn_times['full'])})",
-            f"{ds / dfa:.2f}", f"{min(2 * cfg.sliding_window, T) * T / (T * (T + 1) / 2):.2f} (banded/causal)"]])
+            f"{ds / dfa:.2f}", f"{min(band_keys(cfg.sliding_window), T) * T / (T * (T + 1) / 2):.2f} (banded/causal)"]])
+
+
+def band_keys(window):
+    """Keys banded_attention scores per query: its chunk of window // 2 and the whole chunks before it."""
+    c = max(1, window // 2)
+    return -(-(window - 1) // c) * c + c
 
 
 # -----------------------------------------------------------------------------

@@ -258,35 +258,37 @@ def causal_mask(T, device):
 
 
 @functools.lru_cache(maxsize=16)
-def band_mask(n_chunks, window, device):
-    """(n, w, 2w) mask for banded_attention: query r of chunk i sees key c of [chunk i-1, chunk i] iff
-    r < c <= r + w; the first chunk has no chunk before it."""
-    r = torch.arange(window, device=device).unsqueeze(1)
-    c = torch.arange(2 * window, device=device).unsqueeze(0)
-    mask = ((c > r) & (c <= r + window)).expand(n_chunks, -1, -1).clone()
-    mask[0, :, :window] = False
-    return mask
+def band_mask(n_chunks, chunk, before, window, device):
+    """(n, c, before + c) mask for banded_attention: query r of chunk i (position i*c + r) sees key j of its
+    band (position i*c - before + j) iff that key is at most window - 1 positions back, and not before 0."""
+    r = torch.arange(chunk, device=device).view(chunk, 1)
+    j = torch.arange(before + chunk, device=device).view(1, -1)
+    back = r + before - j  # how many positions the key lies behind the query
+    starts = torch.arange(n_chunks, device=device).view(-1, 1, 1) * chunk - before
+    return (back >= 0) & (back < window) & (starts + j >= 0)
 
 
 def banded_attention(q, k, v, window, scale, sinks=None, dropout=0.0):
-    """Sliding-window attention for sequences longer than the window, on CPU: queries in chunks of `window`
-    are scored only against their own and the previous chunk's keys, so the work grows as T * window rather
-    than T^2 (a masked fused kernel would still visit every block). q, k, v: (B, H, T, D), same heads."""
+    """Sliding-window attention for sequences longer than the window, on CPU: queries in chunks of half a
+    window are scored only against the keys of their own chunk and the two before it (1.5 windows), so the
+    work grows as T * window rather than T^2 (a masked fused kernel would still visit every block; whole-window
+    chunks would score 2 windows per query). q, k, v: (B, H, T, D), same heads."""
     B, H, T, D = q.shape
-    w, n = window, -(-T // window)
-    q, k, v = (F.pad(t, (0, 0, 0, n * w - T)) for t in (q, k, v))  # whole chunks
-    k, v = (F.pad(t, (0, 0, w, 0)) for t in (k, v))  # an empty chunk before the first
-    k_band = k.unfold(2, 2 * w, w).transpose(-1, -2)  # (B, H, n, 2w, D)
-    v_band = v.unfold(2, 2 * w, w).transpose(-1, -2)
-    scores = (q.view(B, H, n, w, D) @ k_band.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~band_mask(n, w, q.device), float("-inf"))
+    c = max(1, window // 2)
+    n, before = -(-T // c), -(-(window - 1) // c) * c  # chunks; keys before a chunk that its queries may see
+    q, k, v = (F.pad(t, (0, 0, 0, n * c - T)) for t in (q, k, v))  # whole chunks
+    k, v = (F.pad(t, (0, 0, before, 0)) for t in (k, v))  # empty chunks before the first
+    k_band = k.unfold(2, before + c, c).transpose(-1, -2)  # (B, H, n, before + c, D)
+    v_band = v.unfold(2, before + c, c).transpose(-1, -2)
+    scores = (q.view(B, H, n, c, D) @ k_band.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~band_mask(n, c, before, window, q.device), float("-inf"))
     if sinks is not None:  # the sink logit joins each row's softmax, then leaves with no value
-        sink_col = sinks.to(scores.dtype).view(1, H, 1, 1, 1).expand(B, H, n, w, 1)
+        sink_col = sinks.to(scores.dtype).view(1, H, 1, 1, 1).expand(B, H, n, c, 1)
         probs = torch.cat([scores, sink_col], dim=-1).softmax(dim=-1)[..., :-1]
     else:
         probs = scores.softmax(dim=-1)
     probs = F.dropout(probs, dropout) if dropout else probs
-    return (probs @ v_band).view(B, H, n * w, D)[:, :, :T]
+    return (probs @ v_band).view(B, H, n * c, D)[:, :, :T]
 
 
 def attention(q, k, v, mask, scale, sinks=None, dropout=0.0, window=0):

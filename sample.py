@@ -128,9 +128,18 @@ def token_stream(ids, n, counter):
 def complete(ids):
     """Print the continuation of prompt ids as it streams, then the summary line; returns the text."""
     counter, pieces = [0], []
+    # a chat reply must keep its conversation in view: cap it at the context left, never slide the window
+    n = min(max_new_tokens, block_size - len(ids)) if chat else max_new_tokens
+    if n < 1:
+        print(f"error: the prompt ({len(ids)} tokens) fills the model's {block_size}-token context; /reset or "
+              f"shorten it", file=sys.stderr, flush=True)
+        return ''
+    if n < max_new_tokens:
+        print(f"(reply capped at {n} tokens: {len(ids)} prompt tokens of a {block_size}-token context)",
+              file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     with torch.no_grad():
-        for piece in stream_text(token_stream(ids, max_new_tokens, counter), tok.decode, stop_texts):
+        for piece in stream_text(token_stream(ids, n, counter), tok.decode, stop_texts):
             print(piece, end='', flush=True)
             pieces.append(piece)
     dt = time.perf_counter() - t0

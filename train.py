@@ -429,7 +429,7 @@ elif init_from == 'resume':
             fail(f"architecture mismatch: the checkpoint in {out_dir} has {', '.join(diff)}: resume with the "
                  f"settings it was trained with")
         ckpt_config.dropout = asked.dropout
-    raw_model = GPT(ckpt_config)
+    raw_model = hf.empty_model(GPT, ckpt_config)  # no random init for the checkpoint to overwrite
     try:
         checkpoint.load_weights(raw_model, ckpt_info)
     except checkpoint.CheckpointError as e:

@@ -214,3 +214,18 @@ def test_interactive_chat_carries_the_conversation(family_dirs, tmp_path):
         expected = tok.decode(reference(model, ids, n, stop=tok.eot_token))
         assert prompt_tokens == len(ids) and reply.endswith(universal(expected))
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": expected}]
+
+
+def test_chat_reply_is_capped_at_the_context_left(family_dirs, tmp_path):
+    """max_new_tokens (default 500) past a 64-token context: the reply is the greedy continuation of the whole
+    conversation, cut where the context ends, never of a prompt cropped to make room."""
+    model, tok, _, out = family_dirs("gpt2")
+    chat_out = tmp_path / "out-chat"
+    ours, _ = checkpoint.load_model(out)
+    checkpoint.save(chat_out, ours, {}, {**make_meta(tok), "chat_format": "plain"})
+    stdout = interact(f"--out_dir={chat_out}", "--temperature=0", stdin="Hello there\n")
+    (reply, prompt_tokens, new_tokens), = replies(stdout)[0]
+    ids = render_prompt(tok, [{"role": "user", "content": "Hello there"}], "plain")
+    expected = reference(model, ids, 64 - len(ids), stop=tok.eot_token)
+    assert prompt_tokens == len(ids) and new_tokens <= 64 - len(ids)
+    assert reply.endswith(universal(tok.decode(expected)))
