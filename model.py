@@ -460,8 +460,9 @@ class MoE(nn.Module):
         order = flat_experts.argsort(stable=True)
         token = order // self.top_k
         counts = torch.bincount(flat_experts, minlength=self.gate_up.size(0))
-        h = self.expert_matmul(x[token], "gate_up", counts)
-        h = clamped_swiglu(h[:, 0::2], h[:, 1::2], self.limit)
+        h = self.expert_matmul(x.index_select(0, token), "gate_up", counts)  # backward: index_add, not index_put
+        gate, up = h.view(h.size(0), -1, 2).unbind(-1)  # interleaved columns; backward: one stack, no zero-fills
+        h = clamped_swiglu(gate, up, self.limit)
         out = self.expert_matmul(h, "down", counts)
         out = out * weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
         y = torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
