@@ -114,8 +114,7 @@ def copy_tokenizer_files(origin, export_dir):
         source = origin
     else:
         try:
-            from huggingface_hub import snapshot_download
-            source = snapshot_download(origin, allow_patterns=list(TOKENIZER_FILES))
+            source = hf.hub().snapshot_download(origin, allow_patterns=list(TOKENIZER_FILES))
         except Exception:  # offline, or not a hub id: the note above says what to do
             return []
     copied = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(source, name))]

@@ -396,14 +396,22 @@ def checkpoint_dir(name_or_path):
         raise ValueError(f"{name_or_path} is a file: pass the checkpoint directory that holds config.json")
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise FileNotFoundError(f"no such checkpoint directory: {name_or_path}")
-    from huggingface_hub import snapshot_download
     try:  # "*/*" skips subfolders such as gpt-oss's original/ and metal/ copies of the weights
-        return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors"], ignore_patterns=["*/*"])
+        return hub().snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors"], ignore_patterns=["*/*"])
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0]
         raise FileNotFoundError(f"could not download {name_or_path!r} from the Hugging Face Hub "
                                 f"({type(e).__name__}: {reason}); check the name, the network and HF_TOKEN, "
                                 "or pass a local checkpoint directory") from None
+
+
+def hub():
+    """huggingface_hub with its own warnings off: a failed download (offline, wrong name) becomes one line of
+    ours, not its retry log followed by ours."""
+    import huggingface_hub
+    from huggingface_hub.utils import logging as hub_logging
+    hub_logging.set_verbosity_error()
+    return huggingface_hub
 
 
 def safetensors_files(directory):

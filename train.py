@@ -201,6 +201,9 @@ def trained_rows(split):
 
 data_dir = None if estimate_only else find_data_dir()
 meta = read_meta(data_dir) if data_dir else {}
+if estimate_only:  # no data is read, but a prepared dataset's meta.json still sizes the vocabulary
+    _meta_dir = dataset if os.sep in dataset or '/' in dataset else os.path.join(REPO, 'data', dataset)
+    meta = read_meta(_meta_dir) if os.path.isfile(os.path.join(_meta_dir, 'meta.json')) else {}
 sft = bool(data_dir) and os.path.isfile(os.path.join(data_dir, 'train_mask.bin'))
 if data_dir:
     data_dtype = np.dtype(meta['dtype'])
@@ -250,7 +253,7 @@ def requested_config():
     else:
         base = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout,
                     qkv_bias=bias, attn_out_bias=bias, mlp_bias=bias, norm_bias=bias)
-    vocab = {'vocab_size': meta['vocab_size']} if meta else {}  # estimate_only reads no data: the preset's
+    vocab = {'vocab_size': meta['vocab_size']} if meta else {}  # no prepared dataset (estimate_only): the preset's
     return make_config({**base, **vocab, **checked_overrides()})
 
 
@@ -292,8 +295,7 @@ def hf_config(name_or_path):
     path = os.path.join(name_or_path, 'config.json')
     if not os.path.isdir(name_or_path):
         try:
-            from huggingface_hub import hf_hub_download
-            path = hf_hub_download(name_or_path, 'config.json')
+            path = hf.hub().hf_hub_download(name_or_path, 'config.json')
         except Exception as e:  # offline, a wrong name, a gated model: several kinds
             reason = (str(e).strip().splitlines() or [''])[0]
             raise OSError(f"no local directory of that name, and no config.json from the Hugging Face Hub "

@@ -329,3 +329,16 @@ def test_compiled_training_matches_eager(shakespeare_char, tmp_path):
         for key in ("loss", "val_loss"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], abs=1e-3), (a, b)
+
+
+def test_estimate_only_sizes_the_vocabulary_from_the_dataset(shakespeare_char):
+    """--estimate_only reads no data and builds no weights, but a prepared dataset's meta.json still sets the
+    vocabulary: the parameter count is the hand count of nanoGPT's model for the dataset's 65 characters."""
+    meta = json.loads((shakespeare_char / "meta.json").read_text())
+    result = run_script("train.py", f"--dataset={shakespeare_char}", "--estimate_only=True", "--device=cpu",
+                        "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--bias=False")
+    assert result.returncode == 0, result.stderr
+    V, C, T, L = meta["vocab_size"], 32, 16, 2
+    per_layer = 2 * C + 3 * C * C + C * C + 2 * 4 * C * C  # two LayerNorm weights, c_attn, c_proj, MLP
+    expected = V * C + T * C + L * per_layer + C  # wte (the head is tied to it), wpe, blocks, ln_f
+    assert f"training all {expected:,} parameters" in result.stdout, result.stdout
