@@ -50,10 +50,14 @@ def config_from_hf(hf_config):
     raise ValueError(f"unsupported model_type {model_type!r} in config.json (supported: {supported})")
 
 
+GELU_APPROX = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # transformers' names: ours
+
+
 def _gpt2_config(hf):
     act = hf.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"GPT-2 activation_function {act!r} is not supported (nanoforge uses tanh GELU: gelu_new)")
+    if act not in GELU_APPROX:
+        raise ValueError(f"GPT-2 activation_function {act!r} is not supported (nanoforge has GELU: "
+                         f"{', '.join(GELU_APPROX)})")
     for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True),
                     ("add_cross_attention", False)):
         if hf.get(key, ok) != ok:
@@ -62,7 +66,8 @@ def _gpt2_config(hf):
         vocab_size=hf.get("vocab_size", 50257), block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
         n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=hf.get("n_embd", 768),
         mlp_hidden=hf.get("n_inner") or 0, dropout=0.0, norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        pos_emb="learned", mlp="gelu", tie_embeddings=hf.get("tie_word_embeddings", True))
+        pos_emb="learned", mlp="gelu", gelu_approx=GELU_APPROX[act],
+        tie_embeddings=hf.get("tie_word_embeddings", True))
 
 
 def _gemma3_config(hf):
@@ -211,12 +216,13 @@ def hf_config_from(config, dtype=None):
             raise ValueError(f"GPT-2 needs n_embd ({config.n_embd}) divisible by n_head ({config.n_head})")
         hf = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=config.vocab_size,
                   n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
-                  n_inner=config.mlp_hidden or None, activation_function="gelu_new", resid_pdrop=config.dropout,
+                  n_inner=config.mlp_hidden or None, resid_pdrop=config.dropout,
+                  activation_function="gelu_new" if config.gelu_approx == "tanh" else "gelu",
                   embd_pdrop=config.dropout, attn_pdrop=config.dropout, layer_norm_epsilon=config.norm_eps,
                   scale_attn_weights=True, tie_word_embeddings=config.tie_embeddings)
     elif family == "gemma3_text":
         _require(family, config, pos_emb="rope", norm="rmsnorm", norm_unit_offset=True, sandwich_norm=True,
-                 qk_norm=True, mlp="geglu", mlp_bias=False, embed_scale=True, attn_sinks=False, yarn_factor=1.0)
+                 qk_norm=True, mlp="geglu", gelu_approx="tanh", mlp_bias=False, embed_scale=True, attn_sinks=False, yarn_factor=1.0)
         if config.n_embd % config.n_head:  # Gemma3TextConfig.validate_architecture insists
             raise ValueError(f"Gemma 3 needs n_embd ({config.n_embd}) divisible by n_head ({config.n_head})")
         local_theta = config.rope_local_theta or config.rope_theta

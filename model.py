@@ -59,6 +59,7 @@ class GPTConfig:
     attn_out_bias: bool = True
     # MLP
     mlp: str = "gelu"             # "gelu": fc-gelu-proj | "geglu": gated GELU (Gemma) | "swiglu": clamped SwiGLU (GPT-OSS)
+    gelu_approx: str = "tanh"     # GELU of gelu/geglu MLPs: "tanh" (HF GPT-2 gelu_new, Gemma) | "none": exact (nanoGPT)
     mlp_bias: bool = True         # also the per-expert biases
     swiglu_limit: float = 7.0
     n_expert: int = 0             # > 0: mixture of experts, each a clamped SwiGLU MLP (GPT-OSS)
@@ -80,6 +81,7 @@ class GPTConfig:
         assert self.norm in ("layernorm", "rmsnorm"), f"norm must be layernorm or rmsnorm, got {self.norm!r}"
         assert self.pos_emb in ("learned", "rope"), f"pos_emb must be learned or rope, got {self.pos_emb!r}"
         assert self.mlp in ("gelu", "geglu", "swiglu"), f"mlp must be gelu, geglu or swiglu, got {self.mlp!r}"
+        assert self.gelu_approx in ("tanh", "none"), f"gelu_approx must be tanh or none, got {self.gelu_approx!r}"
         assert self.attn_pattern and set(self.attn_pattern) <= {"F", "S"}, "attn_pattern is a string of F and S"
         assert "S" not in self.attn_pattern or self.sliding_window > 0, "sliding layers need sliding_window > 0"
         assert self.n_head % self.kv_heads == 0, "n_head must be a multiple of n_kv_head"
@@ -373,7 +375,7 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.kind, self.limit = config.mlp, config.swiglu_limit
+        self.kind, self.limit, self.approx = config.mlp, config.swiglu_limit, config.gelu_approx
         width = config.hidden * (1 if self.kind == "gelu" else 2)
         self.c_fc = Linear(config.n_embd, width, bias=config.mlp_bias)
         self.c_proj = Linear(config.hidden, config.n_embd, bias=config.mlp_bias)
@@ -382,10 +384,10 @@ class MLP(nn.Module):
     def forward(self, x):
         h = self.c_fc(x)
         if self.kind == "gelu":
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h, approximate=self.approx)
         else:
             gate, up = h.chunk(2, dim=-1)
-            h = F.gelu(gate, approximate="tanh") * up if self.kind == "geglu" else clamped_swiglu(gate, up, self.limit)
+            h = F.gelu(gate, approximate=self.approx) * up if self.kind == "geglu" else clamped_swiglu(gate, up, self.limit)
         return self.dropout(self.c_proj(h))
 
 

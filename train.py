@@ -252,7 +252,8 @@ def requested_config():
             fail(f"model: {e}")
     else:
         base = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout,
-                    qkv_bias=bias, attn_out_bias=bias, mlp_bias=bias, norm_bias=bias)
+                    qkv_bias=bias, attn_out_bias=bias, mlp_bias=bias, norm_bias=bias,
+                    gelu_approx='none')  # nanoGPT's model: exact GELU (nn.GELU), as its recipes were trained
     vocab = {'vocab_size': meta['vocab_size']} if meta else {}  # no prepared dataset (estimate_only): the preset's
     return make_config({**base, **vocab, **checked_overrides()})
 

@@ -68,8 +68,9 @@ def check_round_trip(ours, ref, idx, tmp_path, **save_kwargs):
 # GPT-2
 
 
-def tiny_gpt2(tmp_path, tie=True):
-    config = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, tie_word_embeddings=tie)
+def tiny_gpt2(tmp_path, tie=True, activation="gelu_new"):
+    config = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, tie_word_embeddings=tie,
+                        activation_function=activation)
     model = randomise(GPT2LMHeadModel(config))
     model.save_pretrained(tmp_path / "hf")
     return model, tmp_path / "hf"
@@ -83,6 +84,18 @@ def test_gpt2_logits_and_round_trip(tmp_path):
     assert ours.lm_head.weight is ours.transformer.wte.weight
     assert max_diff(our_logits(ours, idx), ref) < TOL
     check_round_trip(ours, ref, idx, tmp_path)
+
+
+def test_gpt2_exact_gelu(tmp_path):
+    """activation_function='gelu' (exact erf, nanoGPT's nn.GELU) loads as gelu_approx='none' and saves back."""
+    ref_model, path = tiny_gpt2(tmp_path, activation="gelu")
+    idx = tokens(97)
+    ref = hf_logits(ref_model, idx)
+    ours = GPT.from_pretrained(path)
+    assert ours.config.gelu_approx == "none"
+    assert max_diff(our_logits(ours, idx), ref) < TOL
+    out = check_round_trip(ours, ref, idx, tmp_path)
+    assert json.loads((out / "config.json").read_text())["activation_function"] == "gelu"
 
 
 def test_gpt2_untied_and_sharded(tmp_path):
