@@ -222,7 +222,8 @@ def hf_config_from(config, dtype=None):
                   scale_attn_weights=True, tie_word_embeddings=config.tie_embeddings)
     elif family == "gemma3_text":
         _require(family, config, pos_emb="rope", norm="rmsnorm", norm_unit_offset=True, sandwich_norm=True,
-                 qk_norm=True, mlp="geglu", gelu_approx="tanh", mlp_bias=False, embed_scale=True, attn_sinks=False, yarn_factor=1.0)
+                 qk_norm=True, mlp="geglu", gelu_approx="tanh", mlp_bias=False, embed_scale=True, attn_sinks=False,
+                 yarn_factor=1.0)
         if config.n_embd % config.n_head:  # Gemma3TextConfig.validate_architecture insists
             raise ValueError(f"Gemma 3 needs n_embd ({config.n_embd}) divisible by n_head ({config.n_head})")
         local_theta = config.rope_local_theta or config.rope_theta

@@ -387,7 +387,10 @@ class MLP(nn.Module):
             h = F.gelu(h, approximate=self.approx)
         else:
             gate, up = h.chunk(2, dim=-1)
-            h = F.gelu(gate, approximate=self.approx) * up if self.kind == "geglu" else clamped_swiglu(gate, up, self.limit)
+            if self.kind == "geglu":
+                h = F.gelu(gate, approximate=self.approx) * up
+            else:
+                h = clamped_swiglu(gate, up, self.limit)
         return self.dropout(self.c_proj(h))
 
 
