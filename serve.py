@@ -273,9 +273,10 @@ def sample_rows(logits, rows, rng):
         probs = z.softmax(dim=-1)
         p = torch.tensor([r.top_p if r.top_p is not None else float("inf") for r in rows], device=device)
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs > p.unsqueeze(1), 0.0)
-    else:  # unnormalised: the pick below scales u by the total instead of dividing every probability
-        order, probs = None, (z - z.max(dim=-1, keepdim=True).values).exp()
-    cdf = probs.cumsum(dim=-1)
+    else:  # unnormalised: the pick below scales u by the total instead of dividing every probability. In place
+        # on z (a fresh tensor): new (B, V) buffers cost page faults, several times the arithmetic on CPU
+        order, probs = None, z.sub_(z.amax(dim=-1, keepdim=True)).exp_()
+    cdf = probs.cumsum_(dim=-1)  # probs is a fresh tensor on every path
     pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=V - 1)
     tokens = (pick if order is None else order.gather(1, pick))[:, 0]
     if any(t == 0 for t in temps):

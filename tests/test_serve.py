@@ -487,6 +487,40 @@ def test_startup_errors_are_one_line_and_nonzero(ckpt, tmp_path):
 # the throughput benchmark (not a test): python tests/test_serve.py bench
 
 
+def test_sample_rows_is_inverse_cdf_of_the_filtered_distribution():
+    """serve.sample_rows against a float64 numpy reference of the documented rule: softmax(logits / T), top-k,
+    then the nucleus (drop tokens whose preceding mass exceeds top_p), the token where the CDF passes u * total,
+    u the row's own seeded uniform; temperature 0 is argmax."""
+    import random
+    from types import SimpleNamespace
+    import numpy as np
+    import serve
+    settings = [(0.8, None, None), (1.3, 5, None), (0.7, None, 0.6), (1.0, 20, 0.9), (0.0, None, None)]
+    rows = [SimpleNamespace(temperature=t, top_k=k, top_p=p, rng=None) for t, k, p in settings]
+    for trial in range(20):
+        logits = torch.randn(len(rows), 300, generator=torch.Generator().manual_seed(trial)) * 3
+        expected = []
+        for i, (t, k, p) in enumerate(settings):
+            z = logits[i].double().numpy()
+            u = random.Random(f"{i}-{trial}").random()
+            if t == 0:
+                expected.append(int(z.argmax()))
+                continue
+            order = np.argsort(-z, kind="stable")
+            probs = np.exp((z[order] - z.max()) / t)
+            if k:
+                probs[k:] = 0.0
+            probs /= probs.sum()
+            if p is not None:
+                probs[np.cumsum(probs) - probs > p] = 0.0
+            cdf = np.cumsum(probs)
+            expected.append(int(order[np.searchsorted(cdf, u * cdf[-1], side="right")]))
+        for i, row in enumerate(rows):
+            row.rng = random.Random(f"{i}-{trial}")
+        assert serve.sample_rows(logits, rows, random.Random(0)) == expected
+
+
+
 def bench(clients=8, max_tokens=64, n_layer=6, n_embd=384, n_head=6, rounds=5, threads=0):
     """Total completion tokens/s of 1 client and of `clients` concurrent clients, each streaming its own
     request (temperature 0.8, own seed). The clients share one asyncio loop and count tokens from the usage
