@@ -420,3 +420,20 @@ def test_compiled_decode_step_is_traced_once(family, zoo):
         prompts = prompts_of(lengths, seed=3)
         assert greedy(fast, prompts, n) == greedy(ours, prompts, n)
     assert counters["stats"]["unique_graphs"] == (1 if compiled else 0)
+
+
+@pytest.mark.parametrize("T, window", [(50, 1), (50, 3), (50, 7), (64, 16), (37, 10), (100, 33)])
+def test_banded_sliding_attention_equals_masked_softmax(T, window):
+    """model.attention's CPU path for sliding layers longer than their window (banded_attention: half-window
+    chunks against 1.5 windows of keys) against softmax over a dense masked score matrix, in float64, with
+    and without sinks; lengths that are not multiples of the chunk included."""
+    torch.manual_seed(T + window)
+    q, k, v = (torch.randn(2, 3, T, 8, dtype=torch.float64) for _ in range(3))
+    i, j = torch.arange(T).view(-1, 1), torch.arange(T).view(1, -1)
+    visible = (j <= i) & (j > i - window)
+    scores = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~visible, float("-inf"))
+    sinks = torch.randn(3, dtype=torch.float64)
+    with_sink = torch.cat([scores, sinks.view(1, 3, 1, 1).expand(2, 3, T, 1)], dim=-1).softmax(-1)[..., :-1]
+    for s, probs in ((None, scores.softmax(-1)), (sinks, with_sink)):
+        out = model_module.attention(q, k, v, None, 0.3, s, window=window)
+        assert (out - probs @ v).abs().max().item() < 1e-12
