@@ -40,7 +40,7 @@ from dataclasses import replace
 
 import torch
 
-from model import GPT, MLP, GPTConfig, KVCache, MoE, attention, device_peak_flops
+from model import GPT, MLP, GPTConfig, KVCache, MoE, attention, band_layout, device_peak_flops
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -330,19 +330,14 @@ def bench_sliding():
     real_name, full_name = list(runs)
     dr, df = med(times[real_name]), med(times['all F'])
     ds, dfa = med(attn_times['sliding']), med(attn_times['full'])
+    banded_keys = min(sum(band_layout(cfg.sliding_window)), T)  # keys scored per query: chunk + those before it
     table(['what', 'sliding path ms', 'all-full ms', 'sliding / full (target <= 1)', 'FLOP ratio'],
           [[f"whole model ({real_name} vs all F)", f"{dr * 1e3:.0f} ({spread(times[real_name])})",
             f"{df * 1e3:.0f} ({spread(times['all F'])})", f"{dr / df:.2f}",
             f"{real.flops_per_token(T) / full.flops_per_token(T):.2f}"],
            [f"attention op alone (B={batch_size}, H={H}, T={T}, D={D})",
             f"{ds * 1e3:.1f} ({spread(attn_times['sliding'])})", f"{dfa * 1e3:.1f} ({spread(attn_times['full'])})",
-            f"{ds / dfa:.2f}", f"{min(band_keys(cfg.sliding_window), T) * T / (T * (T + 1) / 2):.2f} (banded/causal)"]])
-
-
-def band_keys(window):
-    """Keys banded_attention scores per query: its chunk of window // 2 and the whole chunks before it."""
-    c = max(1, window // 2)
-    return -(-(window - 1) // c) * c + c
+            f"{ds / dfa:.2f}", f"{banded_keys * T / (T * (T + 1) / 2):.2f} (banded/causal)"]])
 
 
 # -----------------------------------------------------------------------------

@@ -404,7 +404,8 @@ def checkpoint_dir(name_or_path):
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise FileNotFoundError(f"no such checkpoint directory: {name_or_path}")
     try:  # "*/*" skips subfolders such as gpt-oss's original/ and metal/ copies of the weights
-        return hub().snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors"], ignore_patterns=["*/*"])
+        return hub().snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors"],
+                                       ignore_patterns=["*/*"])
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0]
         raise FileNotFoundError(f"could not download {name_or_path!r} from the Hugging Face Hub "

@@ -270,14 +270,21 @@ def band_mask(n_chunks, chunk, before, window, device):
     return (back >= 0) & (back < window) & (starts + j >= 0)
 
 
+def band_layout(window):
+    """banded_attention's query chunk (half a window) and the keys before a chunk that its queries may see
+    (whole chunks); each query is scored against before + chunk keys."""
+    chunk = max(1, window // 2)
+    return chunk, -(-(window - 1) // chunk) * chunk
+
+
 def banded_attention(q, k, v, window, scale, sinks=None, dropout=0.0):
     """Sliding-window attention for sequences longer than the window, on CPU: queries in chunks of half a
     window are scored only against the keys of their own chunk and the two before it (1.5 windows), so the
     work grows as T * window rather than T^2 (a masked fused kernel would still visit every block; whole-window
     chunks would score 2 windows per query). q, k, v: (B, H, T, D), same heads."""
     B, H, T, D = q.shape
-    c = max(1, window // 2)
-    n, before = -(-T // c), -(-(window - 1) // c) * c  # chunks; keys before a chunk that its queries may see
+    c, before = band_layout(window)
+    n = -(-T // c)
     q, k, v = (F.pad(t, (0, 0, 0, n * c - T)) for t in (q, k, v))  # whole chunks
     k, v = (F.pad(t, (0, 0, before, 0)) for t in (k, v))  # empty chunks before the first
     k_band = k.unfold(2, before + c, c).transpose(-1, -2)  # (B, H, n, before + c, D)

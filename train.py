@@ -160,9 +160,14 @@ if optimizer not in ('adamw', 'muon'):
 # supervised fine-tuning (data/chat/prepare.py): fixed rows of row_len tokens plus loss masks (train_mask.bin, ...)
 
 
+def dataset_dir():
+    """data/<dataset>, or dataset itself when it is a path."""
+    return dataset if os.sep in dataset or '/' in dataset else os.path.join(REPO, 'data', dataset)
+
+
 def find_data_dir():
-    is_path = os.sep in dataset or '/' in dataset
-    data_dir = dataset if is_path else os.path.join(REPO, 'data', dataset)
+    data_dir = dataset_dir()
+    is_path = data_dir == dataset
     name = os.path.basename(os.path.normpath(data_dir))
     for file in ('train.bin', 'val.bin', 'meta.json'):
         if not os.path.isfile(os.path.join(data_dir, file)):
@@ -201,9 +206,8 @@ def trained_rows(split):
 
 data_dir = None if estimate_only else find_data_dir()
 meta = read_meta(data_dir) if data_dir else {}
-if estimate_only:  # no data is read, but a prepared dataset's meta.json still sizes the vocabulary
-    _meta_dir = dataset if os.sep in dataset or '/' in dataset else os.path.join(REPO, 'data', dataset)
-    meta = read_meta(_meta_dir) if os.path.isfile(os.path.join(_meta_dir, 'meta.json')) else {}
+if estimate_only and os.path.isfile(os.path.join(dataset_dir(), 'meta.json')):
+    meta = read_meta(dataset_dir())  # no data is read, but a prepared dataset's meta.json still sizes the vocabulary
 sft = bool(data_dir) and os.path.isfile(os.path.join(data_dir, 'train_mask.bin'))
 if data_dir:
     data_dtype = np.dtype(meta['dtype'])
