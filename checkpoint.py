@@ -5,9 +5,12 @@ A checkpoint is a directory, written whole and then swapped in with renames:
 
     out_dir/
         ckpt/                  the latest complete checkpoint
-            model.safetensors  the weights (safetensors: tied weights stored once)
+            model.safetensors  the weights (safetensors: tied weights stored once); a LoRA run's adapters only
+                               when config.json has "base"
             config.json        {"format": "nanoforge", "model_config": GPTConfig dict, "iter_num",
-                               "best_val_loss", "seed", "init_from", "train_config", "files": {name: bytes}}
+                               "best_val_loss", "seed", "init_from", "train_config", "files": {name: bytes},
+                               and for adapter-only checkpoints "base": {"init_from", "dtype", "overrides",
+                               "fingerprint"}: where the frozen weights come from (load_base)}
             meta.json          the dataset's meta.json: which tokenizer (schema: tokenizer.py)
             train_state.pt     optimizer(s) and grad-scaler state: tensors and plain values only,
                                read back with torch.load(weights_only=True)
@@ -23,17 +26,22 @@ complete checkpoint, so kill -9 anywhere, also mid-save, leaves one to load: fin
 ckpt.old/ when a crash fell between the renames. The data stream and the dropout RNG of train.py are
 functions of (seed, iter_num), so those two numbers in config.json are the whole RNG and data state.
 
+A LoRA run's base never changes, so its checkpoints hold only the adapters and name the base (the Hugging Face
+model or out_dir the run started from); build_model() reloads it and checks a fingerprint of its weights, so a
+base that was retrained or replaced since is an error, not a silently different model.
+
 config.json records every file's size, so a truncated file is caught before use; errors are raised as
 CheckpointError with one line naming the file.
 """
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model as load_safetensors_into, save_model as save_safetensors
+from safetensors.torch import load_file, load_model as load_safetensors_into, save_file, save_model as save_safetensors
 
 from model import GPT, GPTConfig
 
@@ -87,7 +95,10 @@ def save(out_dir, model, info, meta, train_state=None):
     tmp, cur, old = out / TMP, out / CKPT, out / OLD
     shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way
     tmp.mkdir()
-    save_safetensors(model, str(tmp / WEIGHTS))
+    if info.get("base"):  # adapter-only: the frozen weights are the base's (see load_base)
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if "lora" in n}, tmp / WEIGHTS)
+    else:
+        save_safetensors(model, str(tmp / WEIGHTS))
     _write_json(tmp / META, meta)
     if train_state is not None:
         torch.save(train_state, tmp / TRAIN_STATE)
@@ -171,9 +182,9 @@ def read(path):
     return info
 
 
-def model_config(info):
+def model_config(info, **overrides):
     try:
-        return GPTConfig.from_dict(info["model_config"])
+        return GPTConfig.from_dict({**info["model_config"], **overrides})
     except (ValueError, TypeError, AssertionError) as e:
         raise CheckpointError(f"{Path(info['dir']) / CONFIG}: bad model_config ({e})") from None
 
@@ -211,6 +222,80 @@ def load_train_state(info, device="cpu"):
         raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {e})") from None
 
 
+def build_model(info, dtype=torch.float32, device="cpu", **overrides):
+    """The model a checkpoint holds, weights loaded. A whole-model checkpoint is built in `dtype`; an adapter-only
+    one (LoRA runs) from its base, rebuilt by load_base in the dtype it trained in, plus its float32 adapters.
+    overrides: GPTConfig fields that change no weight shape (e.g. dropout)."""
+    import hf
+    config = model_config(info, **overrides)
+    base = info.get("base")
+    if not base:
+        return load_weights(hf.empty_model(GPT, config, dtype, device), info, device)
+    what = f"the base of the LoRA adapters in {info['dir']}, {base['init_from']!r},"
+    fix = f"restore it, or edit base.init_from in {Path(info['dir']) / CONFIG}"
+    try:  # overrides go to the base: dropout and the like are built into its modules
+        model = load_base({**base, "overrides": {**base.get("overrides", {}), **overrides}}, device)
+    except CheckpointError as e:
+        raise CheckpointError(f"{what} does not load: {e}") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{what} does not load ({e}): {fix}") from None
+    changed = _changed(fingerprint(model), base["fingerprint"])
+    if changed:
+        raise CheckpointError(f"{what} is not the model these adapters were trained on ({changed} differs): {fix}")
+    model.add_lora(**{k: v for k, v in config.to_dict().items() if k.startswith("lora_")})
+    return _load_adapters(model, info)
+
+
+def _changed(now, then):
+    """The first weight whose fingerprint differs, or None."""
+    for name in sorted(now.keys() | then.keys()):
+        if name not in now or name not in then or not math.isclose(now[name], then[name], rel_tol=1e-9, abs_tol=1e-12):
+            return name
+    return None
+
+
+def _load_adapters(model, info):
+    path = Path(info["dir"]) / WEIGHTS
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({e})") from None
+    params = dict(model.named_parameters())
+    expected = {n for n in params if "lora" in n}
+    if tensors.keys() != expected or any(tensors[n].shape != params[n].shape for n in expected):
+        raise CheckpointError(f"{path} does not hold the adapters {CONFIG} describes (lora_rank, lora_targets)")
+    with torch.no_grad():
+        for name in expected:
+            params[name].copy_(tensors[name])
+    return model
+
+
+def load_base(base, device="cpu"):
+    """The frozen weights a LoRA run trains on, as train.py builds them and build_model rebuilds them: the
+    Hugging Face model or out_dir base["init_from"] (whose own adapters are merged) with base["overrides"], the
+    weights in base["dtype"]. A Hugging Face base loads straight into that dtype on `device`; one of our out_dirs
+    is merged in float32 on the CPU first."""
+    dtype, overrides = getattr(torch, base["dtype"]), base.get("overrides", {})
+    if find(base["init_from"]) is None:
+        return GPT.from_pretrained(base["init_from"], dtype=dtype, device=device, **overrides)
+    info = read(base["init_from"])
+    model = build_model(info, torch.float32, "cpu", **overrides).merge_lora()
+    for p in model.parameters():  # not model.to(dtype): that would round the RoPE tables too
+        p.data = p.data.to(dtype)
+    return model.to(device)
+
+
+def fingerprint(model):
+    """{name: float64 sum of a strided sample of ~4096 values} for every weight outside the adapters: cheap to
+    compute for a 20B model, and any retraining or different rounding of a base changes it."""
+    out = {}
+    for name, p in model.named_parameters():
+        if "lora" not in name:
+            flat = p.detach().reshape(-1)
+            out[name] = flat[::max(1, flat.numel() // 4096)].double().sum().item()
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # load_model: our checkpoints and Hugging Face ones, for inference
 
@@ -235,8 +320,7 @@ def load_model(path, device="cpu", dtype=torch.float32, tokenizer=None):
         tokenizer = _meta_for(tokenizer)
     if find(path) is not None:
         info = read(path)
-        import hf
-        model = load_weights(hf.empty_model(GPT, model_config(info), dtype, device), info, device)
+        model = build_model(info, dtype, device)
         meta = tokenizer or load_meta(info)
     else:
         if Path(path).exists() and not (Path(path) / CONFIG).is_file():

@@ -63,6 +63,8 @@ def load_run(path):
     """(model, checkpoint info, meta) of a train.py checkpoint. The model is built on the meta device and takes
     the stored tensors as they are, so a LoRA run's bfloat16 base stays bfloat16: peak memory is one copy."""
     info = checkpoint.read(path)
+    if info.get('base'):  # adapters only: the base is rebuilt in the dtype the run trained it in
+        return checkpoint.build_model(info).eval(), info, checkpoint.load_meta(info)
     config = checkpoint.model_config(info)
     with torch.device('meta'):
         model = GPT(config)

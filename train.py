@@ -19,7 +19,8 @@ continues exactly where a killed run's checkpoint left off. Checkpoints are cras
 
 Fine-tuning: chat data from data/chat/prepare.py (rows plus loss masks) makes a run supervised fine-tuning on the
 assistant tokens only; init_from a Hugging Face model or another run's out_dir, and model_overrides with lora_rank
-for LoRA (config/finetune_*.py). Every run first prints a rough memory estimate; estimate_only=True stops there.
+for LoRA (config/finetune_*.py), whose checkpoints hold the adapters and name the base they load with.
+Every run first prints a rough memory estimate; estimate_only=True stops there.
 """
 import json
 import math
@@ -92,6 +93,7 @@ dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' (with a GradScaler); 'auto'
 compile = True  # use PyTorch 2.0 to compile the model to be faster
 gradient_checkpointing = False  # recompute each block's activations in backward: less memory, ~30% more compute
 base_dtype = 'float32'  # LoRA: dtype of the frozen base weights; 'bfloat16' halves their memory (with dtype=bfloat16)
+save_base_weights = False  # LoRA: checkpoints hold the adapters and name their base; True: the whole model too
 estimate_only = False  # print this run's memory estimate and exit: from the config alone, no data or weights loaded
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -405,9 +407,32 @@ if master_process:
 if estimate_only:
     sys.exit(0)
 
+
+def check_init_vocab():
+    """init_from a pretrained model: its tokenizer must be the dataset's (checked before any weight is loaded)."""
+    if checkpoint.find(init_from) is not None:
+        try:
+            init_meta = checkpoint.load_meta(checkpoint.read(init_from))
+        except checkpoint.CheckpointError as e:
+            fail(str(e))
+        if any(init_meta.get(k) != meta.get(k) for k in ('tokenizer', 'vocab_size', 'chars')):
+            fail(f"vocab mismatch: the checkpoint in {init_from} was trained on tokenizer "
+                 f"{init_meta.get('tokenizer')!r} ({init_meta.get('vocab_size')} tokens), dataset {dataset!r} uses "
+                 f"{meta['tokenizer']!r} ({meta['vocab_size']} tokens): prepare the dataset with the checkpoint's "
+                 f"tokenizer (for 'char': the same characters)")
+        return
+    want = checkpoint.hf_tokenizer(planned)  # None for Gemma: its tokenizer is not one of ours
+    if os.path.isfile(os.path.join(init_from, checkpoint.META)):  # export.py's output names its tokenizer
+        want = read_meta(init_from)['tokenizer']
+    if want and meta['tokenizer'] != want:
+        fail(f"{init_from} was trained with tokenizer {want!r} but dataset {dataset!r} uses {meta['tokenizer']!r}: "
+             f"pick a dataset tokenized with {want!r}")
+
+
 iter_num = 0
 best_val_loss = float('inf')
 origin = init_from  # 'scratch', or the Hugging Face model or out_dir the weights came from, kept through resumes
+base_ref = None  # LoRA on a pretrained model: checkpoints hold the adapters and this reference to their base
 ckpt_info = None
 if init_from == 'scratch':
     if master_process:
@@ -422,11 +447,12 @@ elif init_from == 'resume':
         ckpt_meta = checkpoint.load_meta(ckpt_info)
     except checkpoint.CheckpointError as e:
         fail(str(e))
-    origin = ckpt_info.get('init_from', 'scratch')
+    origin, base_ref = ckpt_info.get('init_from', 'scratch'), ckpt_info.get('base')
     if (ckpt_meta.get('tokenizer'), ckpt_meta.get('vocab_size')) != (meta['tokenizer'], meta['vocab_size']):
         fail(f"vocab mismatch: the checkpoint in {out_dir} was trained on tokenizer {ckpt_meta.get('tokenizer')!r} "
              f"({ckpt_meta.get('vocab_size')} tokens), dataset {dataset!r} uses {meta['tokenizer']!r} "
              f"({meta['vocab_size']} tokens): resume with the checkpoint's dataset")
+    resume_overrides = {}
     if origin == 'scratch':  # the checkpoint's architecture must be the one this config asks for
         asked = requested_config()
         diff = [f"{f.name}={getattr(ckpt_config, f.name)!r} (config asks {getattr(asked, f.name)!r})"
@@ -435,48 +461,32 @@ elif init_from == 'resume':
         if diff:
             fail(f"architecture mismatch: the checkpoint in {out_dir} has {', '.join(diff)}: resume with the "
                  f"settings it was trained with")
-        ckpt_config.dropout = asked.dropout
-    raw_model = hf.empty_model(GPT, ckpt_config)  # no random init for the checkpoint to overwrite
-    try:
-        checkpoint.load_weights(raw_model, ckpt_info)
+        resume_overrides = {'dropout': asked.dropout}
+    try:  # built on the meta device and filled: no random init for the checkpoint to overwrite
+        raw_model = checkpoint.build_model(ckpt_info, **resume_overrides)
     except checkpoint.CheckpointError as e:
         fail(str(e))
     iter_num = ckpt_info['iter_num']
     best_val_loss = ckpt_info['best_val_loss'] if ckpt_info['best_val_loss'] is not None else float('inf')
     seed = ckpt_info['seed']  # continue the checkpoint's data stream and dropout RNG
-elif checkpoint.find(init_from) is not None:
+else:
+    check_init_vocab()
+    if os.path.exists(init_from):  # a path, kept absolute so the checkpoints find their base from anywhere
+        origin = os.path.abspath(init_from)
+    base_spec = dict(init_from=origin, dtype=base_dtype, overrides=base_overrides())
     if master_process:
-        print(f"Initializing from the checkpoint in {init_from}")
-    try:
-        init_info = checkpoint.read(init_from)
-        init_meta = checkpoint.load_meta(init_info)
-        own = checkpoint.model_config(init_info).to_dict()  # with its own adapters, if any, so that they load
-        raw_model = checkpoint.load_weights(hf.empty_model(GPT, make_config({**own, **base_overrides()})),
-                                            init_info)
+        print(f"Initializing from {'the checkpoint in' if checkpoint.find(init_from) else 'Hugging Face weights:'} "
+              f"{init_from}")
+    try:  # a Hugging Face base loads straight into base_dtype; an out_dir's own adapters are merged
+        raw_model = checkpoint.load_base(base_spec, device)
     except checkpoint.CheckpointError as e:
         fail(str(e))
-    if any(init_meta.get(k) != meta.get(k) for k in ('tokenizer', 'vocab_size', 'chars')):
-        fail(f"vocab mismatch: the checkpoint in {init_from} was trained on tokenizer {init_meta.get('tokenizer')!r} "
-             f"({init_meta.get('vocab_size')} tokens), dataset {dataset!r} uses {meta['tokenizer']!r} "
-             f"({meta['vocab_size']} tokens): prepare the dataset with the checkpoint's tokenizer (for 'char': the "
-             f"same characters)")
-    raw_model.merge_lora()  # a LoRA run's adapters become part of the weights this run starts from
-    if planned.lora_rank:
-        raw_model.add_lora(**lora_settings())
-else:
-    if master_process:
-        print(f"Initializing from Hugging Face weights: {init_from}")
-    try:  # a LoRA run loads its frozen base straight into base_dtype
-        raw_model = GPT.from_pretrained(init_from, dtype=base_ptdtype, device=device, **base_overrides(),
-                                        **lora_settings())
     except (OSError, ValueError) as e:
         fail(f"init_from={init_from!r}: {e}")
-    want = checkpoint.hf_tokenizer(raw_model.config)  # None for Gemma: its tokenizer is not one of ours
-    if os.path.isfile(os.path.join(init_from, checkpoint.META)):  # export.py's output names its tokenizer
-        want = read_meta(init_from)['tokenizer']
-    if want and meta['tokenizer'] != want:
-        fail(f"{init_from} was trained with tokenizer {want!r} but dataset {dataset!r} uses {meta['tokenizer']!r}: "
-             f"pick a dataset tokenized with {want!r}")
+    if planned.lora_rank:
+        raw_model.add_lora(**lora_settings())
+        if not save_base_weights:
+            base_ref = {**base_spec, 'fingerprint': checkpoint.fingerprint(raw_model)}
 if meta['vocab_size'] > raw_model.config.vocab_size:
     fail(f"vocab mismatch: dataset {dataset!r} has {meta['vocab_size']} tokens, the model only "
          f"{raw_model.config.vocab_size}")
@@ -633,7 +643,7 @@ def plot_losses():
 def save_checkpoint():
     print(f"saving checkpoint to {out_dir}")
     info = dict(iter_num=iter_num, best_val_loss=best_val_loss if math.isfinite(best_val_loss) else None,
-                seed=seed, init_from=origin, train_config=config)
+                seed=seed, init_from=origin, train_config=config, **({'base': base_ref} if base_ref else {}))
     state = dict(optimizers=[opt.state_dict() for opt in optimizers], scaler=scaler.state_dict())
     checkpoint.save(out_dir, raw_model, info, meta, state)
 

@@ -36,4 +36,4 @@ weight_decay = 0.0
 eval_interval = 20
 eval_iters = 10
 log_interval = 1
-always_save_checkpoint = False  # each save writes the whole model (42 GB): only when val improves
+always_save_checkpoint = False  # keep the best val loss (a save writes the 17 MiB of adapters only)

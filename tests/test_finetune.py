@@ -128,6 +128,10 @@ def test_lora_sft_teaches_reversal(base_run, lora_run):
     assert frozen.keys() == base_state.keys() and all(torch.equal(v, base_state[k]) for k, v in frozen.items())
     # r * (in + out) per adapted Linear, C = 64: c_attn C->3C, attn.c_proj C->C, c_fc C->4C, mlp.c_proj 4C->C
     assert f"training {2 * 8 * 64 * (4 + 2 + 5 + 5):,} LoRA adapter parameters" in lora_run[1].stdout
+    # the checkpoint holds the adapters alone and names the base, which it was loaded from
+    with safe_open(str(lora_run[0] / "ckpt" / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == {n for n, _ in tuned.named_parameters() if "lora" in n}
+    assert checkpoint.read(lora_run[0])["base"]["init_from"] == str(base_run)
 
 
 def test_sft_loss_counts_only_the_assistant_tokens(base_run, lora_run, chat_data):
@@ -146,9 +150,9 @@ def test_sft_loss_counts_only_the_assistant_tokens(base_run, lora_run, chat_data
 
 
 def test_lora_from_hugging_face_dir_with_bf16_base_resumes_exactly(chat_data, base_run, tmp_path):
-    """LoRA on a Hugging Face directory (here the base, exported) with base_dtype=bfloat16: the frozen weights
-    are stored in bf16, the adapters in float32, and a run stopped and resumed gives the uninterrupted run's
-    losses bit for bit."""
+    """LoRA on a Hugging Face directory (here the base, exported) with base_dtype=bfloat16. Checkpoints hold the
+    float32 adapters and name their base, which loading rebuilds in bf16; a run stopped and resumed from such a
+    checkpoint gives, bit for bit, the losses and the model of an uninterrupted run that saved the whole model."""
     hf_base = tmp_path / "hf-base"
     base, _, meta = export.load_run(base_run)
     export.export_merged(base, meta, "scratch", hf_base, torch.float32, 2**30)
@@ -156,7 +160,7 @@ def test_lora_from_hugging_face_dir_with_bf16_base_resumes_exactly(chat_data, ba
               "--warmup_iters=2", "--dtype=bfloat16", "--base_dtype=bfloat16", f"--dataset={chat_data['reverse']}",
               f"--model_overrides={{'lora_rank': 4, 'lora_targets': 'attn.c_attn,mlp.c_fc'}}"]
     whole, part = tmp_path / "whole", tmp_path / "part"
-    for out, args in ((whole, ["--max_iters=6"]), (part, ["--max_iters=3"])):
+    for out, args in ((whole, ["--max_iters=6", "--save_base_weights=True"]), (part, ["--max_iters=3"])):
         result = run_script("train.py", *common, f"--init_from={hf_base}", f"--out_dir={out}", *args, env=ONE_THREAD)
         assert result.returncode == 0, result.stderr
     result = run_script("train.py", *common, "--init_from=resume", f"--out_dir={part}", "--max_iters=6",
@@ -166,13 +170,33 @@ def test_lora_from_hugging_face_dir_with_bf16_base_resumes_exactly(chat_data, ba
     def losses(out):
         return {r["iter"]: r["loss"] for r in map(json.loads, open(out / "history.jsonl")) if "loss" in r}
     assert losses(part) == losses(whole) and sorted(losses(whole)) == list(range(6))
-    with safe_open(str(whole / "ckpt" / "model.safetensors"), "pt") as f:
-        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
-    assert {d for k, d in dtypes.items() if "lora" in k} == {"F32"}
-    assert {d for k, d in dtypes.items() if "lora" not in k} == {"BF16"}
-    tuned, _ = checkpoint.load_model(whole)  # the base weights are the Hugging Face ones, rounded to bf16
+    dtypes = {}
+    for out in (whole, part):
+        with safe_open(str(out / "ckpt" / "model.safetensors"), "pt") as f:
+            dtypes[out] = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert {d for k, d in dtypes[whole].items() if "lora" not in k} == {"BF16"}
+    assert set(dtypes[part].values()) == {"F32"} and dtypes[part].keys() == {k for k in dtypes[whole] if "lora" in k}
+    info = checkpoint.read(part)
+    assert info["base"]["init_from"] == str(hf_base) and info["base"]["dtype"] == "bfloat16"
+    tuned, _ = checkpoint.load_model(part)  # the base weights are the Hugging Face ones, rounded to bf16
     for name, p in base.named_parameters():
         assert torch.equal(tuned.get_parameter(name), p.detach().to(torch.bfloat16).float()), name
+    reference, _ = checkpoint.load_model(whole)
+    assert tuned.state_dict().keys() == reference.state_dict().keys()
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in tuned.state_dict().items())
+
+    # a base that changed since (here: retrained, one weight nudged) or moved away is a one-line error
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    state["transformer.h.1.mlp.c_fc.weight"][0, 0] += 0.5
+    base.load_state_dict(state)
+    export.export_merged(base, meta, "scratch", hf_base, torch.float32, 2**30)
+    with pytest.raises(checkpoint.CheckpointError, match="not the model these adapters were trained on"):
+        checkpoint.load_model(part)
+    result = run_script("sample.py", f"--out_dir={part}", "--device=cpu", "--max_new_tokens=2")
+    assert_one_line_error(result, "h.1.mlp.c_fc.weight differs", "base.init_from")
+    hf_base.rename(tmp_path / "moved")
+    result = run_script("train.py", *common, "--init_from=resume", f"--out_dir={part}", "--max_iters=7")
+    assert_one_line_error(result, str(hf_base), "does not load", "base.init_from")
 
 
 def test_memory_estimate_gpt_oss_20b_without_weights(tmp_path):
