@@ -25,6 +25,7 @@ Every run first prints a rough memory estimate; estimate_only=True stops there.
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -678,6 +679,46 @@ if wandb_log and master_process:
         fail("wandb_log=True but wandb is not installed: pip install wandb (or --wandb_log=False)")
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
+stop_signal = None  # SIGTERM (a cluster's preemption notice, kill) or SIGINT (Ctrl-C) received during the run
+
+
+def request_stop(signum, frame):
+    """Finish the current iteration, save, and exit (see the end of the loop); a second signal stops at once."""
+    global stop_signal
+    stop_signal = signum
+    signal.signal(signum, signal.SIG_DFL)
+
+
+def stop_after_signal(signum):
+    """Save the state after the finished iteration (resume continues exactly from it) and exit 128 + signal."""
+    name = signal.Signals(signum).name
+    if master_process:
+        saved = always_save_checkpoint and iter_num > start_iter
+        if saved:
+            save_checkpoint()
+        last = checkpoint.find(out_dir)
+        resume = f"--init_from=resume continues from iter {checkpoint.read(out_dir)['iter_num']}" if last else \
+            "no checkpoint was saved"
+        why = "" if saved or iter_num == start_iter else " (always_save_checkpoint=False: the best-val one is kept)"
+        print(f"stopped by {name} after iter {iter_num - 1}: {resume}{why}")
+    finish()
+    sys.exit(128 + signum)
+
+
+def finish():
+    if master_process:
+        history_file.close()
+        if plotter is not None:
+            plotter.wait()
+        if wandb_log:
+            wandb.finish()
+    if ddp:
+        dist.destroy_process_group()
+
+
+for _signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(_signum, request_stop)
+
 # -----------------------------------------------------------------------------
 # training loop
 start_iter = iter_num  # a checkpoint already holds this state: saving it again would change nothing
@@ -685,6 +726,7 @@ t0 = time.time()
 local_iter_num = 0  # number of iterations in the lifetime of this process
 running_mfu = -1.0
 window_loss = torch.zeros((), device=device)  # losses summed since the last log: NaN/inf anywhere stays visible
+ddp_stop_signal = 0  # a stop signal that the processes agreed on at the last log (DDP)
 while True:
 
     # determine and set the learning rate for this iteration
@@ -755,6 +797,9 @@ while True:
         if ddp:
             dist.all_reduce(stats)
             stats /= world_size
+            signalled = torch.tensor(stop_signal or 0, device=device)
+            dist.all_reduce(signalled, op=dist.ReduceOp.MAX)  # one process signalled: all stop after this iteration
+            ddp_stop_signal = int(signalled.item())
         lossf, window = stats.tolist()
         stop_if_not_finite('training loss', window)
         window_loss.zero_()
@@ -768,12 +813,7 @@ while True:
                             mfu=running_mfu))
     iter_num += 1
     local_iter_num += 1
+    if ddp_stop_signal if ddp else stop_signal:
+        stop_after_signal(ddp_stop_signal if ddp else stop_signal)
 
-if master_process:
-    history_file.close()
-    if plotter is not None:
-        plotter.wait()
-    if wandb_log:
-        wandb.finish()
-if ddp:
-    dist.destroy_process_group()
+finish()
