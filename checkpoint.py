@@ -86,14 +86,27 @@ def write_text_atomic(path, text):
 
 
 def save(out_dir, model, info, meta, train_state=None):
-    """Write a checkpoint of `model` (the raw GPT, not a compiled or DDP wrapper) into out_dir/ckpt.
+    """Write a checkpoint of `model` (the raw GPT, not a compiled or DDP wrapper) into out_dir/ckpt; a failed write
+    (a full disk) raises CheckpointError and leaves the previous checkpoint as it was.
 
     info: JSON-able metadata (iter_num, best_val_loss, train_config, ...); meta: the dataset's meta.json;
     train_state: optimizer/scaler state dicts (tensors and plain values), or None for weights only."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp, cur, old = out / TMP, out / CKPT, out / OLD
+    tmp = out / TMP
     shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way
+    try:
+        return _save(out, model, info, meta, train_state)
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch.save raises RuntimeError, safetensors
+        shutil.rmtree(tmp, ignore_errors=True)  # its own; the previous checkpoint is untouched, free what this took
+        reason = " ".join(str(e).split())[:200]
+        free = shutil.disk_usage(out).free / 1e6  # torch.save's message for a full disk does not say so
+        raise CheckpointError(f"could not write a checkpoint to {out} ({free:.1f} MB free; {type(e).__name__}: "
+                              f"{reason})") from e
+
+
+def _save(out, model, info, meta, train_state):
+    tmp, cur, old = out / TMP, out / CKPT, out / OLD
     tmp.mkdir()
     if info.get("base"):  # adapter-only: the frozen weights are the base's (see load_base)
         save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if "lora" in n}, tmp / WEIGHTS)

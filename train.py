@@ -646,7 +646,12 @@ def save_checkpoint():
     info = dict(iter_num=iter_num, best_val_loss=best_val_loss if math.isfinite(best_val_loss) else None,
                 seed=seed, init_from=origin, train_config=config, **({'base': base_ref} if base_ref else {}))
     state = dict(optimizers=[opt.state_dict() for opt in optimizers], scaler=scaler.state_dict())
-    checkpoint.save(out_dir, raw_model, info, meta, state)
+    try:
+        checkpoint.save(out_dir, raw_model, info, meta, state)
+    except checkpoint.CheckpointError as e:  # a full disk, a lost mount: stop rather than train on without a way back
+        last = checkpoint.find(out_dir)
+        kept = f"the previous checkpoint in {last} is intact" if last else "no checkpoint was saved before"
+        fail(f"iter {iter_num}: {e}; {kept}: make room and continue with --init_from=resume")
 
 
 def stop_if_not_finite(what, value):

@@ -220,6 +220,36 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(shakespeare_char, tmp_pat
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_failed_save_stops_and_keeps_previous_checkpoint(shakespeare_char, tmp_path):
+    """A checkpoint that cannot be written stops the run with one line and leaves the previous one loadable. Where
+    mounting is allowed (root), out_dir is a 2 MB tmpfs that one 1.3 MB checkpoint fits and a second fills up;
+    elsewhere a file stands where the save's temporary directory goes."""
+    out = tmp_path / "out"
+    out.mkdir()
+    try:
+        full_disk = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(out)],
+                                   capture_output=True).returncode == 0
+    except OSError:  # no mount command
+        full_disk = False
+    try:
+        common = [*TINY, f"--dataset={shakespeare_char}", f"--out_dir={out}", "--eval_interval=4", "--eval_iters=2"]
+        result = run_script("train.py", *common, "--max_iters=4")
+        assert result.returncode == 0, result.stderr
+        if not full_disk:
+            (out / "ckpt.tmp").write_text("in the way")
+        result = run_script("train.py", *common, "--max_iters=8", "--init_from=resume")
+        assert_one_line_error(result, "iter 8: could not write a checkpoint", "previous checkpoint", "is intact")
+        if full_disk:
+            assert re.search(r"\(\d+\.\d MB free; ", result.stderr), result.stderr
+            assert not (out / "ckpt.tmp").exists()  # the failed save's files are removed
+        assert checkpoint.read(out)["iter_num"] == 4
+        model, _ = checkpoint.load_model(out)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    finally:
+        if full_disk:
+            subprocess.run(["umount", str(out)], check=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # clear errors
 
