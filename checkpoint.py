@@ -237,8 +237,9 @@ def load_train_state(info, device="cpu"):
 
 def build_model(info, dtype=torch.float32, device="cpu", **overrides):
     """The model a checkpoint holds, weights loaded. A whole-model checkpoint is built in `dtype`; an adapter-only
-    one (LoRA runs) from its base, rebuilt by load_base in the dtype it trained in, plus its float32 adapters.
-    overrides: GPTConfig fields that change no weight shape (e.g. dropout)."""
+    one (LoRA runs) from its base, rebuilt by load_base in the dtype it trained in (narrowed to `dtype` when that is
+    narrower; dtype=None keeps it), plus its float32 adapters. overrides: GPTConfig fields that change no weight
+    shape (e.g. dropout)."""
     import hf
     config = model_config(info, **overrides)
     base = info.get("base")
@@ -246,8 +247,10 @@ def build_model(info, dtype=torch.float32, device="cpu", **overrides):
         return load_weights(hf.empty_model(GPT, config, dtype, device), info, device)
     what = f"the base of the LoRA adapters in {info['dir']}, {base['init_from']!r},"
     fix = f"restore it, or edit base.init_from in {Path(info['dir']) / CONFIG}"
+    # a base wider than the dtype asked for is checked and narrowed on the CPU, never whole on the device
+    staging = "cpu" if dtype is not None and dtype.itemsize < getattr(torch, base["dtype"]).itemsize else device
     try:  # overrides go to the base: dropout and the like are built into its modules
-        model = load_base({**base, "overrides": {**base.get("overrides", {}), **overrides}}, device)
+        model = load_base({**base, "overrides": {**base.get("overrides", {}), **overrides}}, staging)
     except CheckpointError as e:
         raise CheckpointError(f"{what} does not load: {e}") from None
     except (OSError, ValueError) as e:
@@ -255,6 +258,8 @@ def build_model(info, dtype=torch.float32, device="cpu", **overrides):
     changed = _changed(fingerprint(model), base["fingerprint"])
     if changed:
         raise CheckpointError(f"{what} is not the model these adapters were trained on ({changed} differs): {fix}")
+    if staging != device:
+        model = _cast_weights(model, dtype).to(device)
     model.add_lora(**{k: v for k, v in config.to_dict().items() if k.startswith("lora_")})
     return _load_adapters(model, info)
 
@@ -291,11 +296,15 @@ def load_base(base, device="cpu"):
     dtype, overrides = getattr(torch, base["dtype"]), base.get("overrides", {})
     if find(base["init_from"]) is None:
         return GPT.from_pretrained(base["init_from"], dtype=dtype, device=device, **overrides)
-    info = read(base["init_from"])
-    model = build_model(info, torch.float32, "cpu", **overrides).merge_lora()
+    model = build_model(read(base["init_from"]), torch.float32, "cpu", **overrides)
+    _cast_weights(model, torch.float32)  # an adapter-only out_dir comes in its own base dtype: merge in float32
+    return _cast_weights(model.merge_lora(), dtype).to(device)
+
+
+def _cast_weights(model, dtype):
     for p in model.parameters():  # not model.to(dtype): that would round the RoPE tables too
         p.data = p.data.to(dtype)
-    return model.to(device)
+    return model
 
 
 def fingerprint(model):

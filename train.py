@@ -95,6 +95,7 @@ compile = True  # use PyTorch 2.0 to compile the model to be faster
 gradient_checkpointing = False  # recompute each block's activations in backward: less memory, ~30% more compute
 base_dtype = 'float32'  # LoRA: dtype of the frozen base weights; 'bfloat16' halves their memory (with dtype=bfloat16)
 save_base_weights = False  # LoRA: checkpoints hold the adapters and name their base; True: the whole model too
+                           # (chosen when a run starts; a resume keeps the kind its checkpoint has)
 estimate_only = False  # print this run's memory estimate and exit: from the config alone, no data or weights loaded
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -685,13 +686,19 @@ if wandb_log and master_process:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 stop_signal = None  # SIGTERM (a cluster's preemption notice, kill) or SIGINT (Ctrl-C) received during the run
+stop_signal_time = 0.0
 
 
 def request_stop(signum, frame):
-    """Finish the current iteration, save, and exit (see the end of the loop); a second signal stops at once."""
-    global stop_signal
-    stop_signal = signum
-    signal.signal(signum, signal.SIG_DFL)
+    """Finish the current iteration, save, and exit (see the end of the loop). A second Ctrl-C a second or more
+    after the first stops at once; copies that come together (torchrun forwards the signal its workers also got
+    from the terminal or the scheduler) and SIGTERMs only ask again."""
+    global stop_signal, stop_signal_time
+    if signum == signal.SIGINT and stop_signal == signal.SIGINT and time.time() - stop_signal_time > 1.0:
+        print("interrupted again: stopping without saving", file=sys.stderr)
+        sys.exit(128 + signum)
+    if stop_signal is None:
+        stop_signal, stop_signal_time = signum, time.time()
 
 
 def stop_after_signal(signum):
@@ -701,11 +708,14 @@ def stop_after_signal(signum):
         saved = always_save_checkpoint and iter_num > start_iter
         if saved:
             save_checkpoint()
-        last = checkpoint.find(out_dir)
-        resume = f"--init_from=resume continues from iter {checkpoint.read(out_dir)['iter_num']}" if last else \
-            "no checkpoint was saved"
+        try:
+            resume = f"--init_from=resume continues from iter {checkpoint.read(out_dir)['iter_num']}"
+        except checkpoint.CheckpointError as e:
+            resume = str(e)
         why = "" if saved or iter_num == start_iter else " (always_save_checkpoint=False: the best-val one is kept)"
         print(f"stopped by {name} after iter {iter_num - 1}: {resume}{why}")
+    if ddp:
+        dist.barrier()  # the others wait for the save: torchrun ends every process once one has exited
     finish()
     sys.exit(128 + signum)
 

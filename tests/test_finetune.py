@@ -132,6 +132,9 @@ def test_lora_sft_teaches_reversal(base_run, lora_run):
     with safe_open(str(lora_run[0] / "ckpt" / "model.safetensors"), "pt") as f:
         assert set(f.keys()) == {n for n, _ in tuned.named_parameters() if "lora" in n}
     assert checkpoint.read(lora_run[0])["base"]["init_from"] == str(base_run)
+    # in a narrower dtype (the float32 base is checked and narrowed on the CPU): the same model, rounded
+    narrow, _ = checkpoint.load_model(lora_run[0], dtype=torch.bfloat16)
+    assert all(torch.equal(v, tuned.state_dict()[k].bfloat16()) for k, v in narrow.state_dict().items())
 
 
 def test_sft_loss_counts_only_the_assistant_tokens(base_run, lora_run, chat_data):
@@ -184,6 +187,11 @@ def test_lora_from_hugging_face_dir_with_bf16_base_resumes_exactly(chat_data, ba
     reference, _ = checkpoint.load_model(whole)
     assert tuned.state_dict().keys() == reference.state_dict().keys()
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in tuned.state_dict().items())
+    # a LoRA run on this run starts from its adapters merged into the bf16 base in float32 (not rounded to bf16)
+    merged = checkpoint.load_base({"init_from": str(part), "dtype": "float32"})
+    tuned.merge_lora()
+    assert all(torch.equal(v, tuned.state_dict()[k]) for k, v in merged.state_dict().items())
+    assert any(p.dtype == torch.float32 and not torch.equal(p, p.bfloat16().float()) for p in merged.parameters())
 
     # a base that changed since (here: retrained, one weight nudged) or moved away is a one-line error
     state = {k: v.clone() for k, v in base.state_dict().items()}
