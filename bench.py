@@ -364,6 +364,16 @@ def bench_moe():
             (h.float() * gb).sum().backward()
         return step
 
+    final = torch.randn(batch_size, block_size, cfg.n_embd, device=device, requires_grad=True)
+
+    def head_step():  # the floor: the head and the loss alone, the same matmuls in any implementation
+        for p in net.parameters():
+            p.grad = None
+        final.grad = None
+        with autocast:
+            logits = net.head(final)
+        torch.nn.functional.cross_entropy(logits.float().view(-1, cfg.vocab_size), y.view(-1)).backward()
+
     runs, notes = {'nanoforge': fwd_bwd(net.train(), x, y)}, []
     body_runs = {'nanoforge': body_step(lambda: net.hidden_states(x)[0], net)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -388,6 +398,7 @@ def bench_moe():
                 notes.append(f"experts={impl}: max |logits diff| vs ours {diff:.1e}")
             except Exception as e:  # an implementation this torch/device lacks
                 notes.append(f"experts={impl}: unavailable ({e.__class__.__name__}: {str(e)[:120]})")
+    runs[f'floor: the {cfg.vocab_size}-vocab head and loss alone'] = head_step
     torch.manual_seed(seed)
     times = interleaved(runs, repeats, warmup)
     body_times = interleaved(body_runs, repeats, warmup)
@@ -427,6 +438,10 @@ def bench_moe():
         rows.append([name, f"{d * 1e3:.0f}", spread(ts), f"{tokens / d:,.0f}", f"{d / ours:.2f}x"])
     table(['(a) model forward + backward', 'ms (median)', 'range ms', 'tokens/s', 'time vs nanoforge (target >= 3)'],
           rows)
+    floor = med(times[f'floor: the {cfg.vocab_size}-vocab head and loss alone'])
+    print("the head and loss alone bound any implementation's step from below: the most any could gain on "
+          + ", ".join(f"{name} is {med(ts) / floor:.2f}x" for name, ts in times.items() if name.startswith('transf'))
+          + "\n")
     ours, rows = med(body_times['nanoforge']), []
     for name, ts in body_times.items():
         d = med(ts)
