@@ -492,6 +492,64 @@ def load_balancing_loss(router_logits, n_expert, top_k):
     return n_expert * torch.sum(assigned / logits.size(0) * probs.mean(dim=0))
 
 
+class ChunkedHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of the head's logits x @ weight.T (softcapped if softcap) against targets (-1: ignored),
+    a chunk of rows at a time, so the (tokens, vocab) logits never exist whole: for gpt-oss's 201,088-token vocab
+    and 8,192 tokens they are 6.6 GB in float32, with their gradient twice that. The gradients are computed chunk by
+    chunk in the forward pass (softmax - one-hot, the same three matmuls as the plain head) and saved for backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, softcap, chunk, grads):
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        acc = torch.promote_types(dtype, torch.float32)  # the loss, the softmax and grad_w: float32 at least
+        w = weight.to(dtype)
+        n = (targets != -1).sum().clamp(min=1)
+        total = torch.zeros((), dtype=acc, device=x.device)
+        grad_x = torch.empty_like(x) if grads and ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if grads and ctx.needs_input_grad[1] else None
+        for i in range(0, x.size(0), chunk):
+            xc, tc = x[i:i + chunk].to(dtype), targets[i:i + chunk]
+            logits = F.linear(xc, w).to(acc)
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            valid = (tc != -1).unsqueeze(1)
+            picked = logits.gather(1, tc.clamp(min=0).unsqueeze(1))
+            total += ((lse - picked) * valid).sum()
+            if grad_x is None and grad_w is None:
+                continue
+            g = logits.sub_(lse).exp_()  # softmax, in place of the logits
+            g.scatter_add_(1, tc.clamp(min=0).unsqueeze(1), -valid.to(g.dtype))
+            g.mul_(valid.to(acc) / n)
+            if softcap:
+                g.mul_(1 - capped * capped)
+            g = g.to(dtype)
+            if grad_x is not None:
+                grad_x[i:i + chunk] = g @ w
+            if grad_w is not None:
+                grad_w.add_((g.t() @ xc).to(acc))
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        grad_x = grad_x * grad_loss if grad_x is not None else None
+        grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        return grad_x, grad_w, None, None, None, None
+
+
+def head_loss(x, weight, targets, softcap=0.0, chunk_bytes=2**28, min_rows=1024):
+    """ChunkedHeadLoss of x (..., C) in chunks of about chunk_bytes of float32 logits but at least min_rows rows:
+    each chunk adds its part of the weight's gradient to the whole (vocab, C) matrix, which must cost little
+    next to the chunk's matmuls."""
+    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    chunk = max(min_rows, chunk_bytes // (4 * weight.size(0)))
+    return ChunkedHeadLoss.apply(x, weight, targets, softcap, chunk, torch.is_grad_enabled())
+
+
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -693,20 +751,27 @@ class GPT(nn.Module):
             logits = torch.tanh(logits / self.config.logit_softcap) * self.config.logit_softcap
         return logits
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, return_logits=True):
         """Logits (B, T, vocab) for every position, and the loss if targets are given (-1 = ignore).
-        In training, MoE models add moe_aux_loss_weight * the load-balancing loss to the loss."""
+        return_logits=False (train.py): the loss alone, and logits None; past 32 MB of logits it comes from
+        head_loss, which never holds them whole (and is faster). In training, MoE models add
+        moe_aux_loss_weight * the load-balancing loss to the loss."""
         x, router_logits = self.hidden_states(idx)
-        logits = self.head(x)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        plain_head = self.lm_head.lora_A is None and self.lm_head.bias is None
+        large = targets is not None and targets.numel() * self.config.vocab_size * 4 > 2**25
+        if large and not return_logits and plain_head:
+            logits, loss = None, head_loss(x, self.lm_head.weight, targets, self.config.logit_softcap)
+        else:
+            logits = self.head(x)
+            if targets is None:
+                return logits, None
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         self.lm_loss = loss.detach()
         if router_logits and self.training and self.config.moe_aux_loss_weight:
             aux = load_balancing_loss(router_logits, self.config.n_expert, self.config.n_expert_active)
             self.aux_loss = aux.detach()
             loss = loss + self.config.moe_aux_loss_weight * aux
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     def expert_load(self):
         """Tokens routed to each expert in the last forward, per MoE layer: (n_layer, n_expert), or None."""

@@ -365,7 +365,8 @@ def activation_bytes(cfg):
     norm and projection inputs, q/k/v (GQA's repeated k/v too) and the attention output, the MLP's (or the top-k
     experts') hidden states. Gradient checkpointing keeps each block's input and recomputes one block at a time.
     Fused (GPU) attention is assumed: no T x T scores, except the additive mask attention sinks need. The logits
-    with their float32 log-probabilities and gradients come on top, the largest term for big vocabularies."""
+    come on top: whole, with their float32 log-probabilities and gradients, for small ones; past 32 MB, one chunk
+    of model.head_loss's rows at a time (float32 logits turned softmax in place, and their gradient)."""
     a = 4 if ptdtype == torch.float32 else 2  # bytes per activation: autocast computes in 16 bits
     tokens = batch_size * block_size
     C, q, kv, hidden = cfg.n_embd, cfg.n_head * cfg.hd, cfg.kv_heads * cfg.hd, cfg.hidden
@@ -378,7 +379,10 @@ def activation_bytes(cfg):
     if cfg.attn_sinks:
         block += cfg.n_head * block_size * (block_size + 1) * a
     blocks = cfg.n_layer * tokens * C * a + block if gradient_checkpointing else cfg.n_layer * block
-    return blocks + tokens * cfg.vocab_size * (a + 12)
+    if tokens * cfg.vocab_size * 4 <= 2**25:
+        return blocks + tokens * cfg.vocab_size * (a + 12)
+    rows = min(tokens, max(1024, 2**28 // (4 * cfg.vocab_size)))  # head_loss's chunk
+    return blocks + rows * cfg.vocab_size * (4 + a)
 
 
 def print_memory_estimate(m):
@@ -554,7 +558,7 @@ def estimate_loss():
         total = torch.zeros((), device=device)
         for k in range(X.size(0)):
             with ctx:
-                _, loss = eval_model(X[k], Y[k])
+                _, loss = eval_model(X[k], Y[k], return_logits=False)
             total += loss.float()
         if ddp:
             dist.all_reduce(total)
@@ -781,7 +785,7 @@ while True:
             # in DDP training we only need to sync gradients at the last micro step.
             train_model.require_backward_grad_sync = (micro_step == local_steps - 1)
         with ctx:
-            _, loss = train_model(X[micro_step], Y[micro_step])
+            _, loss = train_model(X[micro_step], Y[micro_step], return_logits=False)
             loss = loss / local_steps  # scale the loss to account for gradient accumulation
         if iter_num == _nan_at:
             loss = loss * float('nan')

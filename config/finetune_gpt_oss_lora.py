@@ -2,7 +2,7 @@
 # down_proj in layers 7, 15 and 23 (PEFT's target_parameters "7.mlp.experts.down_proj", ...), bf16 weights,
 # gradient checkpointing; batch 4 x 2048 tokens, 4 accumulation steps, lr 2e-4 with cosine decay to 10%.
 # One 80 GB GPU: python train.py config/finetune_gpt_oss_lora.py --estimate_only=True prints the estimate
-# (needs only the model's config.json), about 64 GiB; see README "Fine-tuning".
+# (needs only the model's config.json), about 44 GiB; see README "Fine-tuning".
 #
 # chats.jsonl: one {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]} per line
 # $ python data/chat/prepare.py --input=chats.jsonl --tokenizer=o200k_harmony --block_size=2048 \

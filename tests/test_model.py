@@ -1,0 +1,59 @@
+"""model.head_loss, the chunked head + cross-entropy training uses, against torch's cross-entropy on whole logits."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, head_loss
+
+
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+@pytest.mark.parametrize("weight_trains", [True, False])
+def test_head_loss_equals_cross_entropy(softcap, weight_trains):
+    """float64, 37 rows in chunks of 8 (the last one short), some targets ignored (-1), a scaled gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(53, 16, dtype=torch.float64, requires_grad=weight_trains)
+    t = torch.randint(53, (37,))
+    t[::5] = -1
+    loss = head_loss(x, w, t, softcap, chunk_bytes=0, min_rows=8)
+    (0.7 * loss).backward()
+    grads = x.grad, w.grad
+    x.grad = w.grad = None
+    logits = x @ w.t()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    reference = F.cross_entropy(logits, t, ignore_index=-1)
+    (0.7 * reference).backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-14)
+    assert torch.allclose(grads[0], x.grad, rtol=0, atol=1e-15)
+    assert (grads[1] is None) == (not weight_trains)
+    if weight_trains:
+        assert torch.allclose(grads[1], w.grad, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_training_loss_equals_whole_logits_loss(tied):
+    """model(x, y, return_logits=False), as train.py calls it, past the 32 MB of logits where head_loss takes over
+    (8 x 32 tokens x 40,000 vocabulary): the same loss and gradients as the whole-logits path, in float32 and
+    under bfloat16 autocast (to bf16 precision)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=40000, tie_embeddings=tied)
+    model = GPT(cfg)
+    x, y = torch.randint(40000, (8, 32)), torch.randint(40000, (8, 32))
+    y[:, :5] = -1  # a chat prompt's tokens: not trained on
+
+    def loss_and_grads(**kwargs):
+        model.zero_grad(set_to_none=True)
+        logits, loss = model(x, y, **kwargs)
+        loss.backward()
+        return logits, loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    logits, chunked, chunked_grads = loss_and_grads(return_logits=False)
+    _, whole, whole_grads = loss_and_grads()
+    assert logits is None and chunked == pytest.approx(whole, rel=1e-6)
+    for name, g in whole_grads.items():
+        assert torch.allclose(chunked_grads[name], g, rtol=1e-4, atol=1e-7), name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked_bf16 = model(x, y, return_logits=False)[1].item()
+        whole_bf16 = model(x, y)[1].item()
+    assert chunked_bf16 == pytest.approx(whole_bf16, rel=1e-2) and chunked_bf16 == pytest.approx(whole, rel=2e-2)
