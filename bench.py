@@ -265,19 +265,22 @@ def bench_train():
     net.train()
     opt = net.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
     runner = torch.compile(net) if compile else net
-    batches = [random_batch(cfg.vocab_size, batch_size, block_size) for _ in range(warmup + repeats)]
-    it = iter(batches)
+    x, y = random_batch(cfg.vocab_size, batch_size, block_size)
 
-    def step():
-        x, y = next(it)
-        with autocast:
-            _, loss = runner(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step(return_logits):
+        def go():
+            with autocast:
+                _, loss = runner(x, y, return_logits=return_logits)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return go
 
-    times = interleaved({'train': step}, repeats, warmup)['train']
-    dt = med(times)
+    # train.py's call (the chunked head_loss past 32 MB of logits) and, side by side, the whole-logits loss
+    contenders = {"train.py's loss": step(False), 'whole logits': step(True)}
+    if batch_size * block_size * cfg.vocab_size * 4 <= 2**25:
+        del contenders['whole logits']  # the same path: head_loss only takes over past 32 MB
+    all_times = interleaved(contenders, repeats, warmup)
     tokens = batch_size * block_size
     fpt = net.flops_per_token(block_size)
     header("training step (forward + backward + fused AdamW), synthetic batches")
@@ -285,9 +288,12 @@ def bench_train():
           f", {net.num_params() / 1e6:.1f}M parameters ({net.num_params(active=True) / 1e6:.1f}M active), "
           f"{fpt / 1e9:.3f} GFLOP/token (6N + attention)")
     print(f"peak for MFU: {fmt_peak()}; {warmup} warmup + {repeats} timed iterations\n")
-    table(['config', 'batch x T', 'dtype', 'compile', 'ms/iter (median)', 'range ms', 'tokens/s', 'MFU'],
-          [[model, f"{batch_size} x {block_size}", dtype, compile, f"{dt * 1e3:.0f}", spread(times),
-            f"{tokens / dt:,.0f}", f"{fpt * tokens / dt / peak_flops():.1%}"]])
+    rows = []
+    for name, times in all_times.items():
+        dt = med(times)
+        rows.append([f"{model}, {name}", f"{batch_size} x {block_size}", dtype, compile, f"{dt * 1e3:.0f}",
+                     spread(times), f"{tokens / dt:,.0f}", f"{fpt * tokens / dt / peak_flops():.1%}"])
+    table(['config', 'batch x T', 'dtype', 'compile', 'ms/iter (median)', 'range ms', 'tokens/s', 'MFU'], rows)
 
 
 # -----------------------------------------------------------------------------
