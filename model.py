@@ -404,11 +404,14 @@ class MLP(nn.Module):
 def grouped_matmul(x, w, counts, bias=None):
     """Rows of x are grouped by expert (counts[e] rows for expert e); returns each group @ w[e] (+ bias[e]).
 
-    On CUDA in bf16 this is one grouped GEMM; elsewhere one matmul per expert over its own rows, with the
-    bias added inside addmm (gathering a [rows, out] bias tensor would cost as much memory traffic as the matmul).
+    On CUDA in bf16 (bf16 tensors, or float32 ones under bf16 autocast, as train.py runs) this is one grouped
+    GEMM; elsewhere one matmul per expert over its own rows, with the bias added inside addmm (gathering a
+    [rows, out] bias tensor would cost as much memory traffic as the matmul).
     """
-    if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-        y = torch._grouped_mm(x, w.to(x.dtype), offs=counts.cumsum(0).to(torch.int32))
+    autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
+    dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
+    if x.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        y = torch._grouped_mm(x.to(dtype), w.to(dtype), offs=counts.cumsum(0).to(torch.int32))
         if bias is not None:
             y = y + bias.to(y.dtype).repeat_interleave(counts, dim=0, output_size=x.size(0))
         return y
