@@ -238,8 +238,7 @@ def load_train_state(info, device="cpu"):
 def build_model(info, dtype=torch.float32, device="cpu", **overrides):
     """The model a checkpoint holds, weights loaded. A whole-model checkpoint is built in `dtype`; an adapter-only
     one (LoRA runs) from its base, rebuilt by load_base in the dtype it trained in (narrowed to `dtype` when that is
-    narrower; dtype=None keeps it), plus its float32 adapters. overrides: GPTConfig fields that change no weight
-    shape (e.g. dropout)."""
+    narrower), plus its float32 adapters. overrides: GPTConfig fields that change no weight shape (e.g. dropout)."""
     import hf
     config = model_config(info, **overrides)
     base = info.get("base")
@@ -248,7 +247,7 @@ def build_model(info, dtype=torch.float32, device="cpu", **overrides):
     what = f"the base of the LoRA adapters in {info['dir']}, {base['init_from']!r},"
     fix = f"restore it, or edit base.init_from in {Path(info['dir']) / CONFIG}"
     # a base wider than the dtype asked for is checked and narrowed on the CPU, never whole on the device
-    staging = "cpu" if dtype is not None and dtype.itemsize < getattr(torch, base["dtype"]).itemsize else device
+    staging = "cpu" if dtype.itemsize < getattr(torch, base["dtype"]).itemsize else device
     try:  # overrides go to the base: dropout and the like are built into its modules
         model = load_base({**base, "overrides": {**base.get("overrides", {}), **overrides}}, staging)
     except CheckpointError as e:
