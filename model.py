@@ -508,8 +508,9 @@ class ChunkedHeadLoss(torch.autograd.Function):
         w = weight.to(dtype)
         n = (targets != -1).sum().clamp(min=1)
         total = torch.zeros((), dtype=acc, device=x.device)
-        grad_x = torch.empty_like(x) if grads and ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if grads and ctx.needs_input_grad[1] else None
+        want_x, want_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(x) if want_x else None
+        grad_w = None  # the first chunk's product, then each chunk's added in place (no zero-filled start)
         for i in range(0, x.size(0), chunk):
             xc, tc = x[i:i + chunk].to(dtype), targets[i:i + chunk]
             logits = F.linear(xc, w).to(acc)
@@ -520,7 +521,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
             valid = (tc != -1).unsqueeze(1)
             picked = logits.gather(1, tc.clamp(min=0).unsqueeze(1))
             total += ((lse - picked) * valid).sum()
-            if grad_x is None and grad_w is None:
+            if not (want_x or want_w):
                 continue
             g = logits.sub_(lse).exp_()  # softmax, in place of the logits
             g.scatter_add_(1, tc.clamp(min=0).unsqueeze(1), -valid.to(g.dtype))
@@ -530,17 +531,21 @@ class ChunkedHeadLoss(torch.autograd.Function):
             g = g.to(dtype)
             if grad_x is not None:
                 grad_x[i:i + chunk] = g @ w
-            if grad_w is not None:
-                grad_w.add_((g.t() @ xc).to(acc))
+            if want_w and grad_w is None:
+                grad_w = (g.t() @ xc).to(acc)
+            elif want_w and dtype == acc:
+                grad_w.addmm_(g.t(), xc)
+            elif want_w:
+                grad_w.add_(g.t() @ xc)
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return total / n
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        grad_x = grad_x * grad_loss if grad_x is not None else None
-        grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        grad_x, grad_w = ctx.saved_tensors  # scaled in place: new (vocab, C) buffers cost page faults, not just time
+        grad_x = grad_x.mul_(grad_loss) if grad_x is not None else None
+        grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
         return grad_x, grad_w, None, None, None, None
 
 
