@@ -96,13 +96,24 @@ def save(out_dir, model, info, meta, train_state=None):
     tmp = out / TMP
     shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way
     try:
-        return _save(out, model, info, meta, train_state)
+        cur = _save(out, model, info, meta, train_state)
     except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch.save raises RuntimeError, safetensors
         shutil.rmtree(tmp, ignore_errors=True)  # its own; the previous checkpoint is untouched, free what this took
-        reason = " ".join(str(e).split())[:200]
-        free = shutil.disk_usage(out).free / 1e6  # torch.save's message for a full disk does not say so
-        raise CheckpointError(f"could not write a checkpoint to {out} ({free:.1f} MB free; {type(e).__name__}: "
-                              f"{reason})") from e
+        raise CheckpointError(f"could not write a checkpoint to {out} ({_why(e, out)})") from e
+    try:
+        _publish(out, cur)
+    except OSError as e:
+        raise CheckpointError(f"saved {cur}, but could not update the links to it in {out} ({_why(e, out)})") from e
+    return cur
+
+
+def _why(error, out):
+    """The error in one line, with the free space: torch.save's message for a full disk does not say so."""
+    try:
+        free = f"{shutil.disk_usage(out).free / 1e6:.1f} MB free; "
+    except OSError:  # a lost mount
+        free = ""
+    return f"{free}{type(error).__name__}: {' '.join(str(error).split())[:200]}"
 
 
 def _save(out, model, info, meta, train_state):
@@ -130,7 +141,6 @@ def _save(out, model, info, meta, train_state):
     os.rename(tmp, cur)
     _fsync(out)
     shutil.rmtree(old, ignore_errors=True)
-    _publish(out, cur)
     return cur
 
 
@@ -140,11 +150,15 @@ def _publish(out, cur):
         tmp = out / f".{name}.tmp"
         tmp.unlink(missing_ok=True)
         try:
-            os.link(cur / name, tmp)
-        except OSError:  # a filesystem without hard links: copy instead
-            shutil.copyfile(cur / name, tmp)
-            _fsync(tmp)
-        os.replace(tmp, out / name)
+            try:
+                os.link(cur / name, tmp)
+            except OSError:  # a filesystem without hard links: copy instead
+                shutil.copyfile(cur / name, tmp)
+                _fsync(tmp)
+            os.replace(tmp, out / name)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
     _fsync(out)
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.autograd.function import once_differentiable
 
 
 @dataclass
@@ -401,16 +402,23 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(h))
 
 
+def compute_dtype(t):
+    """The dtype matmuls on t run in: autocast's when it is on for t's device, else t's own."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
 def grouped_matmul(x, w, counts, bias=None):
     """Rows of x are grouped by expert (counts[e] rows for expert e); returns each group @ w[e] (+ bias[e]).
 
     On CUDA in bf16 (bf16 tensors, or float32 ones under bf16 autocast, as train.py runs) this is one grouped
-    GEMM; elsewhere one matmul per expert over its own rows, with the bias added inside addmm (gathering a
-    [rows, out] bias tensor would cost as much memory traffic as the matmul).
+    GEMM (whose strides must be multiples of 16 bytes: a LoRA rank of 4 takes the loop); elsewhere one matmul per
+    expert over its own rows, with the bias added inside addmm (gathering a [rows, out] bias tensor would cost as
+    much memory traffic as the matmul).
     """
-    autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
-    dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
-    if x.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+    dtype = compute_dtype(x)
+    aligned = x.size(-1) % 8 == 0 and w.size(-1) % 8 == 0
+    if x.is_cuda and dtype == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm"):
         y = torch._grouped_mm(x.to(dtype), w.to(dtype), offs=counts.cumsum(0).to(torch.int32))
         if bias is not None:
             y = y + bias.to(y.dtype).repeat_interleave(counts, dim=0, output_size=x.size(0))
@@ -503,7 +511,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, softcap, chunk, grads):
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = compute_dtype(x)
         acc = torch.promote_types(dtype, torch.float32)  # the loss, the softmax and grad_w: float32 at least
         w = weight.to(dtype)
         n = (targets != -1).sum().clamp(min=1)
@@ -537,11 +545,13 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 grad_w.addmm_(g.t(), xc)
             elif want_w:
                 grad_w.add_(g.t() @ xc)
+            del logits, g  # before the next chunk's are made: one chunk's buffers at a time
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return total / n
 
     @staticmethod
+    @once_differentiable  # the gradients are numbers computed in forward: no graph to differentiate again
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors  # scaled in place: new (vocab, C) buffers cost page faults, not just time
         grad_x = grad_x.mul_(grad_loss) if grad_x is not None else None
@@ -765,9 +775,7 @@ class GPT(nn.Module):
         head_loss, which never holds them whole (and is faster). In training, MoE models add
         moe_aux_loss_weight * the load-balancing loss to the loss."""
         x, router_logits = self.hidden_states(idx)
-        plain_head = self.lm_head.lora_A is None and self.lm_head.bias is None
-        large = targets is not None and targets.numel() * self.config.vocab_size * 4 > 2**25
-        if large and not return_logits and plain_head:
+        if targets is not None and not return_logits and self.chunked_head_loss(targets.numel(), compute_dtype(x)):
             logits, loss = None, head_loss(x, self.lm_head.weight, targets, self.config.logit_softcap)
         else:
             logits = self.head(x)
@@ -780,6 +788,12 @@ class GPT(nn.Module):
             self.aux_loss = aux.detach()
             loss = loss + self.config.moe_aux_loss_weight * aux
         return (logits if return_logits else None), loss
+
+    def chunked_head_loss(self, n_tokens, dtype):
+        """Whether training's loss comes from head_loss: past 32 MB of logits, for a plain head (no adapter or
+        bias), and not in float16, whose range the per-token gradients (softmax / tokens) would underflow."""
+        plain_head = self.lm_head.lora_A is None and self.lm_head.bias is None
+        return plain_head and dtype != torch.float16 and n_tokens * self.config.vocab_size * 4 > 2**25
 
     def expert_load(self):
         """Tokens routed to each expert in the last forward, per MoE layer: (n_layer, n_expert), or None."""

@@ -357,16 +357,17 @@ def memory_estimate(m):
     momentum_only = [p for n, p in trained if optimizer == 'muon' and is_muon_param(n, p)]
     return dict(weights=size(p for _, p in named), gradients=size(p for _, p in trained),
                 optimizer=2 * size(p for _, p in trained) - size(momentum_only),  # AdamW: 2 moments, Muon: 1
-                activations=activation_bytes(m.config))
+                activations=activation_bytes(m.config, m.chunked_head_loss(batch_size * block_size, ptdtype)))
 
 
-def activation_bytes(cfg):
+def activation_bytes(cfg, chunked_head):
     """Activations kept for backward in one micro-batch, counted per token and layer from what a block saves:
     norm and projection inputs, q/k/v (GQA's repeated k/v too) and the attention output, the MLP's (or the top-k
     experts') hidden states. Gradient checkpointing keeps each block's input and recomputes one block at a time.
     Fused (GPU) attention is assumed: no T x T scores, except the additive mask attention sinks need. The logits
-    come on top: whole, with their float32 log-probabilities and gradients, for small ones; past 32 MB, one chunk
-    of model.head_loss's rows at a time (float32 logits turned softmax in place, and their gradient)."""
+    come on top: whole, with their float32 log-probabilities and gradients, where GPT.chunked_head_loss says no;
+    else one chunk of model.head_loss's rows at a time (float32 logits turned softmax in place, their gradient in
+    the compute dtype, the tanh of a softcap)."""
     a = 4 if ptdtype == torch.float32 else 2  # bytes per activation: autocast computes in 16 bits
     tokens = batch_size * block_size
     C, q, kv, hidden = cfg.n_embd, cfg.n_head * cfg.hd, cfg.kv_heads * cfg.hd, cfg.hidden
@@ -379,10 +380,10 @@ def activation_bytes(cfg):
     if cfg.attn_sinks:
         block += cfg.n_head * block_size * (block_size + 1) * a
     blocks = cfg.n_layer * tokens * C * a + block if gradient_checkpointing else cfg.n_layer * block
-    if tokens * cfg.vocab_size * 4 <= 2**25:
+    if not chunked_head:
         return blocks + tokens * cfg.vocab_size * (a + 12)
     rows = min(tokens, max(1024, 2**28 // (4 * cfg.vocab_size)))  # head_loss's chunk
-    return blocks + rows * cfg.vocab_size * (4 + a)
+    return blocks + rows * cfg.vocab_size * (4 + a + (8 if cfg.logit_softcap else 0))
 
 
 def print_memory_estimate(m):
@@ -655,7 +656,7 @@ def save_checkpoint():
         checkpoint.save(out_dir, raw_model, info, meta, state)
     except checkpoint.CheckpointError as e:  # a full disk, a lost mount: stop rather than train on without a way back
         last = checkpoint.find(out_dir)
-        kept = f"the previous checkpoint in {last} is intact" if last else "no checkpoint was saved before"
+        kept = f"the last complete checkpoint is {last}" if last else "no checkpoint was saved before"
         fail(f"iter {iter_num}: {e}; {kept}: make room and continue with --init_from=resume")
 
 

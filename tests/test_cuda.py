@@ -38,6 +38,9 @@ def test_grouped_gemm_under_autocast_matches_per_expert_matmuls(monkeypatch):
     y.float().square().sum().backward()
     for got, want in zip((xc.grad, wc.grad, bc.grad), expected):
         assert close(got, want, 5e-2)
+    with torch.autocast(CUDA, dtype=torch.bfloat16):  # rank-4 LoRA factors: strides under 16 bytes, so the loop
+        low_rank = grouped_matmul(xc, wc[..., :4].contiguous(), counts.to(CUDA))
+    assert calls == [1] and close(low_rank, grouped_matmul(x, w[..., :4].contiguous(), counts), 2e-2)
 
 
 @pytest.mark.parametrize("sinks", [False, True])
@@ -78,14 +81,34 @@ FAMILIES = {"gpt2": {},
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_forward_on_cuda_matches_cpu(preset):
     """float32 logits of a tiny model of each family (sequence > 4 windows) on the GPU against the CPU, TF32 off."""
-    torch.backends.cuda.matmul.allow_tf32 = False
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.preset(preset, **SMALL, **FAMILIES[preset])).eval()
+        idx = torch.randint(300, (2, 40))
+        with torch.no_grad():
+            cpu = model(idx)[0]
+            gpu = model.to(CUDA)(idx.to(CUDA))[0]
+        assert close(gpu, cpu, 1e-4)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def test_compiled_training_loss_with_chunked_head_on_cuda():
+    """model(x, y, return_logits=False) compiled, under bf16 autocast, past head_loss's 32 MB threshold: the same
+    loss and head gradient as eager whole logits, to bf16 precision."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig.preset(preset, **SMALL, **FAMILIES[preset])).eval()
-    idx = torch.randint(300, (2, 40))
-    with torch.no_grad():
-        cpu = model(idx)[0]
-        gpu = model.to(CUDA)(idx.to(CUDA))[0]
-    assert close(gpu, cpu, 1e-4)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=40000)).to(CUDA)
+    x, y = torch.randint(40000, (8, 64), device=CUDA), torch.randint(40000, (8, 64), device=CUDA)
+    results = []
+    for fn, kwargs in ((torch.compile(model), dict(return_logits=False)), (model, {})):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(CUDA, dtype=torch.bfloat16):
+            loss = fn(x, y, **kwargs)[1]
+        loss.backward()
+        results.append((loss.item(), model.lm_head.weight.grad.clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-2) and close(results[0][1], results[1][1], 5e-2)
 
 
 def test_compiled_decode_step_matches_eager_on_cuda():

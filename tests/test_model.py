@@ -57,3 +57,14 @@ def test_training_loss_equals_whole_logits_loss(tied):
         chunked_bf16 = model(x, y, return_logits=False)[1].item()
         whole_bf16 = model(x, y)[1].item()
     assert chunked_bf16 == pytest.approx(whole_bf16, rel=1e-2) and chunked_bf16 == pytest.approx(whole, rel=2e-2)
+
+
+def test_when_the_chunked_head_loss_is_used():
+    """Past 32 MB of float32 logits, for a plain head, and not in float16 (whose range the per-token gradients,
+    softmax / tokens, would underflow before the GradScaler's scale reaches them)."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=40000, tie_embeddings=False))
+    assert model.chunked_head_loss(256, torch.float32) and model.chunked_head_loss(256, torch.bfloat16)
+    assert not model.chunked_head_loss(200, torch.float32)  # 200 x 40,000 x 4 bytes = 32 MB: not past it
+    assert not model.chunked_head_loss(256, torch.float16)
+    model.add_lora(lora_rank=2, lora_targets="lm_head")
+    assert not model.chunked_head_loss(256, torch.float32)  # an adapted head takes the whole-logits path
