@@ -90,6 +90,8 @@ except checkpoint.CheckpointError as e:
     fail(str(e))
 except (OSError, ValueError) as e:  # Hugging Face loading: a missing directory, an unsupported config
     fail(f"init_from={init_from!r}: {e}")
+if model.config.lora_rank:
+    model.merge_lora()  # a LoRA run's adapters folded in once: generation at the base model's speed
 if device_type == 'cpu':
     model.use_decode_layout()  # faster one-token steps on CPU
 if compile and not model.compile_decode():

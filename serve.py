@@ -547,6 +547,8 @@ def load_local_model(name, path, device, dtype, chat_format=None, tokenizer=None
     import checkpoint
     import tokenizer as tokenizer_lib
     model, meta = checkpoint.load_model(path, device, dtype, tokenizer=tokenizer)
+    if getattr(model.config, "lora_rank", 0):
+        model.merge_lora()  # a LoRA run's adapters folded in once: serving at the base model's speed
     if torch.device(device).type == "cpu":
         if hasattr(model, "use_decode_layout"):
             model.use_decode_layout()  # faster one-token matmuls on CPU

@@ -137,6 +137,22 @@ def test_lora_sft_teaches_reversal(base_run, lora_run):
     assert all(torch.equal(v, tuned.state_dict()[k].bfloat16()) for k, v in narrow.state_dict().items())
 
 
+def test_sample_py_merges_the_adapters_and_answers_like_them(lora_run):
+    """sample.py folds a LoRA run's adapters into the weights (base-model speed): its greedy text is the unmerged
+    model's, token for token."""
+    tuned, meta = checkpoint.load_model(lora_run[0])
+    assert tuned.config.lora_rank == 8  # load_model keeps them: export and the tests above read them
+    tok = load_tokenizer(meta)
+    for word in HELD_OUT[:3]:
+        prompt = render_prompt(tok, conversation(word, "reverse")[:1], "plain")
+        expected = tok.decode(tuned.generate(torch.tensor([prompt]), 6, temperature=0)[0].tolist())
+        result = run_script("sample.py", f"--out_dir={lora_run[0]}", "--device=cpu", "--chat_format=none",
+                            f"--start={tok.decode(prompt)}", "--num_samples=1", "--max_new_tokens=6",
+                            "--temperature=0")
+        assert result.returncode == 0, result.stderr
+        assert expected in result.stdout, (expected, result.stdout)
+
+
 def test_sft_loss_counts_only_the_assistant_tokens(base_run, lora_run, chat_data):
     """val.bin holds one conversation, so train.py's val loss is that row's loss: at step 0 (the adapters start
     at zero) the base's, at the end the tuned model's. Recomputed here over the reply and its stop only."""
