@@ -268,19 +268,20 @@ def bench_train():
     runner = torch.compile(net) if compile else net
     x, y = random_batch(cfg.vocab_size, batch_size, block_size)
 
-    def step(return_logits):
+    def step(loss_fn, optimizer):
         def go():
             with autocast:
-                _, loss = runner(x, y, return_logits=return_logits)
+                loss = loss_fn()
             loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return go
 
     # train.py's call (the chunked head_loss past 32 MB of logits) and, side by side, the whole-logits loss
-    contenders = {"train.py's loss": step(False), 'whole logits': step(True)}
-    if batch_size * block_size * cfg.vocab_size * 4 <= 2**25:
-        del contenders['whole logits']  # the same path: head_loss only takes over past 32 MB
+    contenders = {"train.py's loss": step(lambda: runner(x, y, return_logits=False)[1], opt),
+                  'whole logits': step(lambda: runner(x, y)[1], opt)}
+    if not net.chunked_head_loss(batch_size * block_size, ptdtype):
+        del contenders['whole logits']  # the same path: head_loss is not used here
     note = ''
     if vs_transformers:  # the same weights in transformers, its own loss, the same fused AdamW
         try:
@@ -288,14 +289,8 @@ def bench_train():
                 hf = load_hf(net, tmp).train()
             hf_opt = torch.optim.AdamW(hf.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                        fused=device_type in ('cuda', 'cpu'))
-
-            def hf_step():
-                with autocast:
-                    loss = hf(input_ids=x, labels=y).loss  # labels shifted inside: the same amount of work
-                loss.backward()
-                hf_opt.step()
-                hf_opt.zero_grad(set_to_none=True)
-            contenders[f'transformers {type(hf).__name__}'] = hf_step
+            # labels shifted inside: the same amount of work
+            contenders[f'transformers {type(hf).__name__}'] = step(lambda: hf(input_ids=x, labels=y).loss, hf_opt)
             note = f"; transformers attention: {hf.config._attn_implementation}"
         except (ImportError, ValueError) as e:  # not installed, or an architecture it cannot express
             note = f"; transformers: unavailable ({type(e).__name__}: {str(e)[:100]})"

@@ -537,7 +537,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
             if softcap:
                 g.mul_(1 - capped * capped)
             g = g.to(dtype)
-            if grad_x is not None:
+            if want_x:
                 grad_x[i:i + chunk] = g @ w
             if want_w and grad_w is None:
                 grad_w = (g.t() @ xc).to(acc)
@@ -559,12 +559,17 @@ class ChunkedHeadLoss(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None
 
 
+def head_loss_rows(vocab_size, chunk_bytes=2**28, min_rows=1024):
+    """head_loss's chunk: about chunk_bytes of float32 logits but at least min_rows rows, since each chunk adds
+    its part of the weight's gradient to the whole (vocab, C) matrix, which must cost little next to the chunk's
+    matmuls."""
+    return max(min_rows, chunk_bytes // (4 * vocab_size))
+
+
 def head_loss(x, weight, targets, softcap=0.0, chunk_bytes=2**28, min_rows=1024):
-    """ChunkedHeadLoss of x (..., C) in chunks of about chunk_bytes of float32 logits but at least min_rows rows:
-    each chunk adds its part of the weight's gradient to the whole (vocab, C) matrix, which must cost little
-    next to the chunk's matmuls."""
+    """ChunkedHeadLoss of x (..., C) in chunks of head_loss_rows rows."""
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-    chunk = max(min_rows, chunk_bytes // (4 * weight.size(0)))
+    chunk = head_loss_rows(weight.size(0), chunk_bytes, min_rows)
     return ChunkedHeadLoss.apply(x, weight, targets, softcap, chunk, torch.is_grad_enabled())
 
 

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import hf
 from configurator import apply_overrides
-from model import GPT, GPTConfig, device_peak_flops
+from model import GPT, GPTConfig, device_peak_flops, head_loss_rows
 from tokenizer import read_meta
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -382,7 +382,7 @@ def activation_bytes(cfg, chunked_head):
     blocks = cfg.n_layer * tokens * C * a + block if gradient_checkpointing else cfg.n_layer * block
     if not chunked_head:
         return blocks + tokens * cfg.vocab_size * (a + 12)
-    rows = min(tokens, max(1024, 2**28 // (4 * cfg.vocab_size)))  # head_loss's chunk
+    rows = min(tokens, head_loss_rows(cfg.vocab_size))
     return blocks + rows * cfg.vocab_size * (4 + a + (8 if cfg.logit_softcap else 0))
 
 
@@ -833,7 +833,8 @@ while True:
                             mfu=running_mfu))
     iter_num += 1
     local_iter_num += 1
-    if ddp_stop_signal if ddp else stop_signal:
-        stop_after_signal(ddp_stop_signal if ddp else stop_signal)
+    signum = ddp_stop_signal if ddp else stop_signal
+    if signum:
+        stop_after_signal(signum)
 
 finish()
