@@ -35,12 +35,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
 
-from model import GPT, MLP, GPTConfig, KVCache, MoE, attention, band_layout, device_peak_flops
+import devices
+import engine
+import ops
+from model import GPT, MLP, GPTConfig, MoE
+from ops import attention, band_layout
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -53,8 +56,8 @@ block_size = 0          # sequence length of the timed batches (the model's bloc
 batch_size = 0
 sliding_window = 0      # sliding mode: the window (T = 4 x window unless block_size is given)
 model_args = ''         # any other GPTConfig fields, "key=value,key=value"
-device = 'auto'         # auto (cuda if available, else cpu) | cpu | cuda | cuda:1 ...
-dtype = 'auto'          # auto (bfloat16 on a bf16-capable GPU, else float32) | float32 | bfloat16 | float16
+device = 'auto'         # auto (devices.py: cuda, else mps, else cpu) | cpu | cuda | cuda:1 ...
+dtype = 'auto'          # auto (devices.py: bf16 where supported, fp16 on other GPUs, fp32 on CPU) | float32 | ...
 compile = False         # torch.compile the model (train, sliding, moe) or the decode step (decode)
 threads = 0             # torch.set_num_threads; 0 = torch's default
 warmup = 0              # untimed iterations first; 0 = the mode's default
@@ -104,14 +107,11 @@ for _k, _v in MODE_DEFAULTS[mode].items():
 
 if threads:
     torch.set_num_threads(threads)
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-device_type = 'cuda' if 'cuda' in device else 'cpu'
-if dtype == 'auto':
-    dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+device, ptdtype = devices.resolve(device, dtype)
+device_type = torch.device(device).type
+dtype = str(ptdtype).removeprefix('torch.')
 # nanoGPT's mixed precision: fp32 weights, autocast matmuls
-autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+autocast = devices.autocast(device, ptdtype)
 torch.manual_seed(seed)
 
 
@@ -215,7 +215,7 @@ def header(title):
 
 
 def peak_flops():
-    return device_peak_flops(device, ptdtype)
+    return devices.peak_flops(device, ptdtype)
 
 
 def fmt_peak():
@@ -482,8 +482,13 @@ def bench_moe():
 # mode=decode: KV-cache decoding vs transformers' generate vs nanoGPT's re-run-everything loop
 
 def decode_ours(net, prompt, n):
-    """Greedy KV-cache decoding with generate_stream (the compiled step after net.compile_decode())."""
+    """Greedy KV-cache decoding with generate_stream (the compiled step after engine.compile_decode(net))."""
     return [t[0] for t in net.generate_stream([prompt], n, temperature=0)]
+
+
+def decode_generate(net, prompt, n):
+    """The plain API: GPT.generate (nanoGPT's signature) on a model as loaded."""
+    return net.generate(torch.tensor([prompt], device=device), n, temperature=0)[0, len(prompt):].tolist()
 
 
 @torch.no_grad()
@@ -528,17 +533,18 @@ def same_prefix(a, b):
 def bench_decode():
     cfg = make_config()
     base = GPT(cfg).to(device).eval()
-    dec = copy.deepcopy(base).use_decode_layout() if device_type == 'cpu' else base
+    dec = engine.prepare_for_decoding(copy.deepcopy(base))
     prompt = torch.randint(cfg.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
     with tempfile.TemporaryDirectory() as tmp:
         hf = load_hf(base, tmp).eval()
+        fresh = GPT.from_pretrained(tmp, device=device).eval()  # what a user of the Python API has
     hf.generation_config.eos_token_id = None  # run all new_tokens (random weights may pick the eos id)
     hf.generation_config.pad_token_id = 0
     ours = {'nanoforge KV cache': dec}
     compile_s, comp = None, None
     if compile:  # a second copy whose one-token step is compiled; its first call waits for the compile
         comp = copy.deepcopy(dec)
-        if comp.compile_decode():
+        if engine.compile_decode(comp):
             ours['nanoforge KV cache, compiled step'] = comp
             compile_s = timed(lambda: decode_ours(comp, prompt, 2))
     outputs = {}
@@ -549,6 +555,7 @@ def bench_decode():
         return go
 
     runs = {name: run(name, lambda net=net: decode_ours(net, prompt, new_tokens)) for name, net in ours.items()}
+    runs['GPT.from_pretrained(...).generate'] = run('api', lambda: decode_generate(fresh, prompt, new_tokens))
     runs['transformers generate'] = run('hf', lambda: decode_hf(hf, prompt, new_tokens))
     runs["nanoGPT loop (no cache)"] = run('nano', lambda: decode_nanogpt(base, prompt, new_tokens))
     runs["floor: the Linear layers alone"] = lambda: matmuls_only(dec, new_tokens)
@@ -559,7 +566,8 @@ def bench_decode():
     weight_mb = sum(m.weight.nbytes for m in dec.modules() if isinstance(m, torch.nn.Linear)) / 1e6
     print(f"model: {model} {model_args} ({base.num_params() / 1e6:.1f}M parameters, random weights; its Linear "
           f"weights, read once per token: {weight_mb:.0f} MB); ours: generate_stream"
-          f"{' after use_decode_layout()' if device_type == 'cpu' else ''}"
+          f"{' (the engine applies ops.decode_layout on CPU)' if device_type == 'cpu' else ''}; GPT.generate: "
+          f"a model fresh from from_pretrained, the first run included"
           f"{f', and with compile_decode() (compile: {compile_s:.0f} s, not in the times)' if compile_s else ''}; "
           f"transformers: {type(hf).__name__}.generate(do_sample=False, use_cache=True), attn "
           f"{hf.config._attn_implementation}; nanoGPT: hidden_states over the whole (cropped) context, lm_head on "
@@ -567,7 +575,8 @@ def bench_decode():
           f"{new_tokens} times. {warmup} warmup + {repeats} interleaved repeats (nanoGPT: {nanogpt_repeats}); "
           f"tokens/s includes the prompt pass; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
           f"load average {os.getloadavg()[0]:.1f} at the end")
-    same = [f"{name} {same_prefix(outputs[name], outputs['hf'])}/{new_tokens}" for name in ours]
+    same = [f"{name} {same_prefix(outputs[key], outputs['hf'])}/{new_tokens}"
+            for name, key in [(n, n) for n in ours] + [('GPT.generate', 'api')]]
     if 'nano' in outputs:
         same.append(f"nanoGPT loop {same_prefix(outputs['nano'], outputs['hf'])}/{new_tokens}")
     print(f"greedy tokens equal to transformers' (same prefix): {', '.join(same)}\n")
@@ -580,20 +589,19 @@ def bench_decode():
     table(['gpt2 decode', 's per run (median)', 'range s', 'tokens/s', 'vs transformers (target >= 1.5x)'], rows)
     if profile:
         profile_decode(dec, prompt)
-    del base, dec, hf, ours, comp
+    del base, dec, hf, ours, comp, fresh
     if extra:
         decode_extra()
 
 
 def profile_decode(net, prompt, steps=32):
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    cache = KVCache(net, 1, len(prompt) + steps + 1, torch.zeros(1, dtype=torch.long, device=device))
+    cache = engine.KVCache(net, 1, len(prompt) + steps + 1)
     with torch.no_grad():
-        logits = net.forward_cached(torch.tensor([prompt], device=device), cache)
-        tok = logits.argmax(-1, keepdim=True)
+        tok = engine.prefill(net, cache, [prompt], need=steps + 1).argmax(-1)
         with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(steps):
-                tok = net.forward_cached(tok, cache).argmax(-1, keepdim=True)
+                tok = engine.decode_one_token(net, cache, tok).argmax(-1)
     print(f"torch.profiler, {steps} decode steps of the gpt2 model (self CPU time):\n")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=8,
@@ -624,8 +632,7 @@ def decode_extra():
             hf = load_hf(net, tmp, **({'attn_implementation': 'eager'} if net.config.attn_sinks else {})).eval()
         hf.generation_config.eos_token_id = None  # run all extra_tokens
         hf.generation_config.pad_token_id = 0
-        if device_type == 'cpu':
-            net.use_decode_layout()
+        engine.prepare_for_decoding(net)
         outputs = {}
         runs = {'ours': lambda: outputs.__setitem__('ours', decode_ours(net, prompt, extra_tokens)),
                 'hf': lambda: outputs.__setitem__('hf', decode_hf(hf, prompt, extra_tokens))}
@@ -663,18 +670,16 @@ def decode_extra():
 
 def bench_kvmemory():
     cfg = make_config(block_size=max(prompt_tokens + gen_tokens, 4096))
-    net = GPT(cfg).to(device).eval()
-    if device_type == 'cpu':
-        net.use_decode_layout()
+    net = engine.prepare_for_decoding(GPT(cfg).to(device).eval())
     prompt = torch.randint(cfg.vocab_size, (prompt_tokens,)).tolist()
     rss_before = rss_mb()
     max_len = prompt_tokens + gen_tokens
-    cache = KVCache(net, 1, max_len, torch.zeros(1, dtype=torch.long, device=device))
+    cache = engine.KVCache(net, 1, max_len)
     t0 = time.perf_counter()
     with torch.no_grad():
-        tok = net.forward_cached(torch.tensor([prompt], device=device), cache).argmax(-1, keepdim=True)
+        tok = engine.prefill(net, cache, [prompt], need=gen_tokens).argmax(-1)
         for _ in range(gen_tokens - 1):
-            tok = net.forward_cached(tok, cache).argmax(-1, keepdim=True)
+            tok = engine.decode_one_token(net, cache, tok).argmax(-1)
     dt = time.perf_counter() - t0
     kv = [k.nbytes + v.nbytes for k, v in zip(cache.k, cache.v)]
     s_bytes = [b for b, s in zip(kv, cache.sliding) if s]

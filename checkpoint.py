@@ -1,5 +1,5 @@
 """
-Checkpoints that survive crashes, and load_model() for sample.py / serve.py.
+Checkpoints that survive crashes, load_model() for sample.py / serve.py, and init_model() for train.py.
 
 A checkpoint is a directory, written whole and then swapped in with renames:
 
@@ -37,6 +37,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model as load_safetensors_into, save_file, save_model as save_safetensors
 
 from model import GPT, GPTConfig
+from tokenizer import read_meta
 
 FORMAT = "nanoforge"
 CKPT, TMP, OLD = "ckpt", "ckpt.tmp", "ckpt.old"
@@ -380,3 +382,214 @@ def _hf_meta(path, config):
                               f"meta.json beside it")
     return _meta_for(name)
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.py: the architecture a run asks for, and the model it starts from (scratch, resume, or pretrained weights)
+
+LORA_DEFAULTS = {f.name: f.default for f in fields(GPTConfig) if f.name.startswith("lora_")}
+
+
+def requested_config(config, meta):
+    """The architecture a train.py config asks for: a preset or the n_layer/... knobs, then model_overrides."""
+    if config["model"]:
+        try:
+            base = GPTConfig.preset(config["model"]).to_dict()
+        except ValueError as e:
+            raise CheckpointError(f"model: {e}") from None
+    else:
+        bias = config["bias"]
+        base = dict(n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
+                    block_size=config["block_size"], dropout=config["dropout"], qkv_bias=bias, attn_out_bias=bias,
+                    mlp_bias=bias, norm_bias=bias,
+                    gelu_approx="none")  # nanoGPT's model: exact GELU (nn.GELU), as its recipes were trained
+    vocab = {"vocab_size": meta["vocab_size"]} if meta else {}  # no prepared dataset (estimate_only): the preset's
+    return make_config({**base, **vocab, **checked_overrides(config["model_overrides"])})
+
+
+def checked_overrides(overrides):
+    """model_overrides, each key a GPTConfig field and each value of that field's type."""
+    types = {f.name: f.type for f in fields(GPTConfig)}
+    for key, value in overrides.items():
+        if key not in types:
+            raise CheckpointError(f"model_overrides: {key!r} is not a GPTConfig field (see model.py)")
+        kind = types[key]
+        ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
+        if not ok or (kind is not bool and isinstance(value, bool)):
+            raise CheckpointError(f"model_overrides: {key} must be {kind.__name__}, got {value!r}")
+    return overrides
+
+
+def lora_settings(overrides):
+    """The adapters model_overrides asks for (every lora_* field, unset ones at their defaults), or {} for none."""
+    asked = {k: v for k, v in checked_overrides(overrides).items() if k in LORA_DEFAULTS}
+    return {**LORA_DEFAULTS, **asked} if asked.get("lora_rank") else {}
+
+
+def base_overrides(overrides):
+    return {k: v for k, v in checked_overrides(overrides).items() if k not in LORA_DEFAULTS}
+
+
+def make_config(d):
+    try:
+        return GPTConfig(**d)
+    except (AssertionError, TypeError, ValueError) as e:
+        raise CheckpointError(f"invalid model config: {e}") from None
+
+
+def hf_config(name_or_path):
+    """The GPTConfig of a Hugging Face checkpoint from its config.json alone (a hub id downloads just that file)."""
+    import hf
+    path = os.path.join(name_or_path, "config.json")
+    if not os.path.isdir(name_or_path):
+        try:
+            path = hf.hub().hf_hub_download(name_or_path, "config.json")
+        except Exception as e:  # offline, a wrong name, a gated model: several kinds
+            reason = (str(e).strip().splitlines() or [""])[0]
+            raise OSError(f"no local directory of that name, and no config.json from the Hugging Face Hub "
+                          f"({type(e).__name__}: {reason})") from None
+    with open(path, encoding="utf-8") as f:
+        return hf.config_from_hf(json.load(f))
+
+
+def planned_config(config, meta):
+    """The architecture a train.py run trains, read from configs alone (no weights): for the memory estimate."""
+    init_from = config["init_from"]
+    if init_from == "scratch":
+        return requested_config(config, meta)
+    if init_from == "resume":
+        return model_config(read(config["out_dir"]))
+    try:
+        if find(init_from) is not None:  # another run's out_dir; its own adapters get merged
+            base = model_config(read(init_from)).to_dict()
+        else:
+            base = hf_config(init_from).to_dict()
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"init_from={init_from!r}: {e}") from None
+    overrides = config["model_overrides"]
+    return make_config({**base, "lora_rank": 0, **base_overrides(overrides), **lora_settings(overrides)})
+
+
+def prepare_for_training(model, base_dtype=torch.float32, gradient_checkpointing=False):
+    """LoRA trains the adapters only, and their frozen base may be stored in base_dtype (also on the meta device)."""
+    if model.config.lora_rank:
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora" in name)
+            if "lora" not in name:
+                p.data = p.data.to(base_dtype)
+    model.gradient_checkpointing = gradient_checkpointing
+    return model
+
+
+@dataclass
+class Start:
+    """Where a train.py run starts, besides the weights; checkpoints record it and a resume continues it."""
+    iter_num: int
+    best_val_loss: float
+    seed: int  # a resume continues its checkpoint's data stream and dropout RNG
+    origin: str  # 'scratch', or the Hugging Face model or out_dir the weights came from, kept through resumes
+    base_ref: dict | None = None  # LoRA on a pretrained model: checkpoints hold the adapters and this reference
+    info: dict | None = None  # resume: the checkpoint read, whose optimizer state load_optimizers restores
+
+
+def init_model(config, meta, planned, device="cpu", verbose=True):
+    """(model on device, ready to train; Start) for a train.py config: a new model (init_from='scratch'), the
+    checkpoint in out_dir ('resume'), or a Hugging Face model or another run's out_dir, with the LoRA adapters
+    model_overrides asks for. meta: the dataset's meta.json; planned: planned_config(config, meta)."""
+    init_from = config["init_from"]
+    if init_from == "scratch":
+        if verbose:
+            print("Initializing a new model from scratch")
+        model, start = GPT(planned), Start(0, math.inf, config["seed"], init_from)
+    elif init_from == "resume":
+        model, start = _resume(config, meta, verbose)
+    else:
+        model, start = _pretrained(config, meta, planned, device, verbose)
+    dataset, vocab_size, block_size = config["dataset"], model.config.vocab_size, model.config.block_size
+    if meta["vocab_size"] > vocab_size:
+        raise CheckpointError(f"vocab mismatch: dataset {dataset!r} has {meta['vocab_size']} tokens, the model only "
+                              f"{vocab_size}")
+    if config["block_size"] > block_size:
+        raise CheckpointError(f"block_size {config['block_size']} is longer than the model's block_size {block_size}")
+    base_dtype = getattr(torch, config["base_dtype"])
+    return prepare_for_training(model, base_dtype, config["gradient_checkpointing"]).to(device), start
+
+
+def _resume(config, meta, verbose):
+    out_dir, dataset = config["out_dir"], config["dataset"]
+    if verbose:
+        print(f"Resuming training from {out_dir}")
+    info = read(out_dir)
+    ckpt_config, ckpt_meta = model_config(info), load_meta(info)
+    if (ckpt_meta.get("tokenizer"), ckpt_meta.get("vocab_size")) != (meta["tokenizer"], meta["vocab_size"]):
+        raise CheckpointError(f"vocab mismatch: the checkpoint in {out_dir} was trained on tokenizer "
+                              f"{ckpt_meta.get('tokenizer')!r} ({ckpt_meta.get('vocab_size')} tokens), dataset "
+                              f"{dataset!r} uses {meta['tokenizer']!r} ({meta['vocab_size']} tokens): resume with "
+                              f"the checkpoint's dataset")
+    origin, overrides = info.get("init_from", "scratch"), {}
+    if origin == "scratch":  # the checkpoint's architecture must be the one this config asks for
+        asked = requested_config(config, meta)
+        diff = [f"{f.name}={getattr(ckpt_config, f.name)!r} (config asks {getattr(asked, f.name)!r})"
+                for f in fields(GPTConfig) if f.name != "dropout"
+                and getattr(ckpt_config, f.name) != getattr(asked, f.name)]
+        if diff:
+            raise CheckpointError(f"architecture mismatch: the checkpoint in {out_dir} has {', '.join(diff)}: resume "
+                                  f"with the settings it was trained with")
+        overrides = {"dropout": asked.dropout}
+    model = build_model(info, **overrides)  # built on the meta device and filled: no random init to overwrite
+    best = info["best_val_loss"] if info["best_val_loss"] is not None else math.inf
+    return model, Start(info["iter_num"], best, info["seed"], origin, info.get("base"), info)
+
+
+def _pretrained(config, meta, planned, device, verbose):
+    init_from = config["init_from"]
+    check_init_vocab(init_from, meta, config["dataset"], planned)
+    origin = os.path.abspath(init_from) if os.path.exists(init_from) else init_from  # checkpoints find it anywhere
+    overrides = config["model_overrides"]
+    base = dict(init_from=origin, dtype=config["base_dtype"], overrides=base_overrides(overrides))
+    if verbose:
+        print(f"Initializing from {'the checkpoint in' if find(init_from) else 'Hugging Face weights:'} {init_from}")
+    try:  # a Hugging Face base loads straight into base_dtype; an out_dir's own adapters are merged
+        model = load_base(base, device)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"init_from={init_from!r}: {e}") from None
+    base_ref = None
+    if planned.lora_rank:
+        model.add_lora(**lora_settings(overrides))
+        if not config["save_base_weights"]:
+            base_ref = {**base, "fingerprint": fingerprint(model)}
+    return model, Start(0, math.inf, config["seed"], origin, base_ref)
+
+
+def check_init_vocab(init_from, meta, dataset, planned):
+    """init_from a pretrained model: its tokenizer must be the dataset's (checked before any weight is loaded)."""
+    if find(init_from) is not None:
+        init_meta = load_meta(read(init_from))
+        if any(init_meta.get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "chars")):
+            raise CheckpointError(f"vocab mismatch: the checkpoint in {init_from} was trained on tokenizer "
+                                  f"{init_meta.get('tokenizer')!r} ({init_meta.get('vocab_size')} tokens), dataset "
+                                  f"{dataset!r} uses {meta['tokenizer']!r} ({meta['vocab_size']} tokens): prepare "
+                                  f"the dataset with the checkpoint's tokenizer (for 'char': the same characters)")
+        return
+    want = hf_tokenizer(planned)  # None for Gemma: its tokenizer is not one of ours
+    if os.path.isfile(os.path.join(init_from, META)):  # export.py's output names its tokenizer
+        want = read_meta(init_from)["tokenizer"]
+    if want and meta["tokenizer"] != want:
+        raise CheckpointError(f"{init_from} was trained with tokenizer {want!r} but dataset {dataset!r} uses "
+                              f"{meta['tokenizer']!r}: pick a dataset tokenized with {want!r}")
+
+
+def load_optimizers(info, out_dir, optimizer, optimizers, scaler, device="cpu"):
+    """Resume: the optimizer(s) and grad scaler as the checkpoint `info` in out_dir left them, for the same
+    optimizer ('adamw' or 'muon')."""
+    trained_with = info["train_config"].get("optimizer")
+    if trained_with != optimizer:
+        raise CheckpointError(f"the checkpoint in {out_dir} was trained with optimizer={trained_with!r}, this run "
+                              f"asks {optimizer!r}: resume with the same optimizer")
+    state = load_train_state(info, device)
+    try:
+        for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+        scaler.load_state_dict(state["scaler"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{info['dir']}/{TRAIN_STATE} does not fit this model and optimizer ({e})") from None

@@ -35,9 +35,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import checkpoint
+import devices
 import hf
 from configurator import apply_overrides
 from model import GPT
+from tokenizer import TokenizerError
 
 DEFAULTS = dict(
     out_dir='out',         # the train.py run to export (its out_dir, or a checkpoint directory)
@@ -46,7 +48,6 @@ DEFAULTS = dict(
     dtype='bfloat16',      # merged weights: bfloat16, float16 or float32
     max_shard_gb=5.0,      # merged weights: above this, several safetensors files and an index
 )
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model',
                    'chat_template.jinja', 'generation_config.json', 'vocab.json', 'merges.txt')
 # GPT-OSS modules that transformers does not build from nn.Linear: PEFT adapts their parameters instead, and
@@ -66,8 +67,7 @@ def load_run(path):
     if info.get('base'):  # adapters only: the base is rebuilt in the dtype the run trained it in
         return checkpoint.build_model(info).eval(), info, checkpoint.load_meta(info)
     config = checkpoint.model_config(info)
-    with torch.device('meta'):
-        model = GPT(config)
+    model = hf.empty_model(GPT, config, device='meta')  # no storage: load_state_dict(assign=True) brings it
     weights = Path(info['dir']) / checkpoint.WEIGHTS
     state = load_file(weights)
     if config.tie_embeddings:  # safetensors stores a tied tensor once, under one of its names
@@ -81,8 +81,6 @@ def load_run(path):
                                          f"{' '.join(str(e).split())[:300]}") from None
     if config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
-    if config.pos_emb == 'rope':
-        model.init_rope()  # non-persistent buffers: not in the checkpoint
     return model.eval(), info, checkpoint.load_meta(info)
 
 
@@ -211,9 +209,9 @@ def main(argv):
     args = apply_overrides(dict(DEFAULTS), argv)
     if not args['export_dir']:
         fail("pass --export_dir=DIR: where to write the export")
-    dtype = DTYPES.get(args['dtype'])
+    dtype = devices.DTYPES.get(args['dtype'])
     if dtype is None:
-        fail(f"dtype {args['dtype']!r} is not one of {', '.join(DTYPES)}")
+        fail(f"dtype {args['dtype']!r} is not one of {', '.join(devices.DTYPES)}")
     if args['max_shard_gb'] <= 0:
         fail(f"max_shard_gb must be positive, not {args['max_shard_gb']}")
     if checkpoint.find(args['out_dir']) is not None and \
@@ -223,7 +221,7 @@ def main(argv):
              "be overwritten)")
     try:
         model, info, meta = load_run(args['out_dir'])
-    except checkpoint.CheckpointError as e:
+    except (checkpoint.CheckpointError, TokenizerError) as e:
         fail(str(e))
     origin = info.get('init_from', 'scratch')
     try:

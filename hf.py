@@ -454,14 +454,12 @@ def load_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu", **over
 
 def empty_model(cls, config, dtype=torch.float32, device="cpu"):
     """cls(config) with uninitialised weights (no memory or time spent on a random init that a checkpoint
-    overwrites next); the RoPE tables, which no checkpoint holds, are computed."""
+    overwrites next): the one meta-device builder, used by every loader."""
     with torch.device("meta"):
         model = cls(config).to(dtype)
     model.to_empty(device=device)
     if config.tie_embeddings:  # to_empty gives each module its own tensor, untying the head
         model.lm_head.weight = model.transformer.wte.weight
-    if config.pos_emb == "rope":
-        model.init_rope(device)  # non-persistent buffers are not in the checkpoint
     return model
 
 

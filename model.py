@@ -5,22 +5,24 @@ One GPT module for three families of decoder-only transformers, chosen by GPTCon
 - Gemma 3: RMSNorm(1+w), sandwich norms, q/k norm, gated GELU, sliding/full layers with two RoPE bases, MQA.
 - GPT-OSS: RMSNorm, mixture of experts (top-k, clamped SwiGLU), attention sinks, YaRN RoPE, sliding/full, GQA.
 
-Every switch lives in GPTConfig; grep a field's name to see the one place it is used.
-Hugging Face import/export lives in hf.py; the KV-cache generator lives at the end of this file.
+Every switch lives in GPTConfig; grep a field's name to see the one place it is used. The file reads top to
+bottom: the config, the building blocks, then GPT (forward first, then LoRA, sizes, the optimizer, Hugging Face
+loading and generation). Elsewhere: the speed-only paths in ops.py (each tested against the plain computation it
+replaces), the KV cache, sampler and decoding loop in engine.py, Hugging Face import/export in hf.py.
 """
 
 import difflib
 import fnmatch
-import functools
 import math
-import time
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.autograd.function import once_differentiable
+
+import devices
+import ops
 
 
 @dataclass
@@ -162,6 +164,8 @@ PRESETS = {
 }
 
 
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # building blocks
 
@@ -233,6 +237,14 @@ def rope_inv_freq(config, theta, yarn):
     return inv_freq, 0.1 * math.log(config.yarn_factor) + 1.0
 
 
+def rope_tables(config):
+    """(inverse frequencies, cos/sin scale) of full ("F") and sliding ("S") layers: Gemma's sliding layers have
+    their own base, YaRN extends only the full layers' (or both, when they share the base, as GPT-OSS's do)."""
+    local_theta = config.rope_local_theta or config.rope_theta
+    return {"F": rope_inv_freq(config, config.rope_theta, yarn=True),
+            "S": rope_inv_freq(config, local_theta, yarn=local_theta == config.rope_theta)}
+
+
 def rope_cos_sin(inv_freq, scale, pos, dtype):
     """cos and sin for integer positions pos (T,) or (B, T): float32 math, then cast, as transformers does."""
     angles = pos.float().unsqueeze(-1) * inv_freq
@@ -247,90 +259,6 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-@functools.lru_cache(maxsize=16)
-def sliding_window_mask(T, window, device):
-    """Boolean (T, T) mask, True where query i may see key j: i - window < j <= i. Built once per length."""
-    i = torch.arange(T, device=device).unsqueeze(1)
-    j = torch.arange(T, device=device).unsqueeze(0)
-    return (j <= i) & (j > i - window)
-
-
-@functools.lru_cache(maxsize=16)
-def causal_mask(T, device):
-    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
-
-
-@functools.lru_cache(maxsize=16)
-def band_mask(n_chunks, chunk, before, window, device):
-    """(n, c, before + c) mask for banded_attention: query r of chunk i (position i*c + r) sees key j of its
-    band (position i*c - before + j) iff that key is at most window - 1 positions back, and not before 0."""
-    r = torch.arange(chunk, device=device).view(chunk, 1)
-    j = torch.arange(before + chunk, device=device).view(1, -1)
-    back = r + before - j  # how many positions the key lies behind the query
-    starts = torch.arange(n_chunks, device=device).view(-1, 1, 1) * chunk - before
-    return (back >= 0) & (back < window) & (starts + j >= 0)
-
-
-def band_layout(window):
-    """banded_attention's query chunk (half a window) and the keys before a chunk that its queries may see
-    (whole chunks); each query is scored against before + chunk keys."""
-    chunk = max(1, window // 2)
-    return chunk, -(-(window - 1) // chunk) * chunk
-
-
-def banded_attention(q, k, v, window, scale, sinks=None, dropout=0.0):
-    """Sliding-window attention for sequences longer than the window, on CPU: queries in chunks of half a
-    window are scored only against the keys of their own chunk and the two before it (1.5 windows), so the
-    work grows as T * window rather than T^2 (a masked fused kernel would still visit every block; whole-window
-    chunks would score 2 windows per query). q, k, v: (B, H, T, D), same heads."""
-    B, H, T, D = q.shape
-    c, before = band_layout(window)
-    n = -(-T // c)
-    q, k, v = (F.pad(t, (0, 0, 0, n * c - T)) for t in (q, k, v))  # whole chunks
-    k, v = (F.pad(t, (0, 0, before, 0)) for t in (k, v))  # empty chunks before the first
-    k_band = k.unfold(2, before + c, c).transpose(-1, -2)  # (B, H, n, before + c, D)
-    v_band = v.unfold(2, before + c, c).transpose(-1, -2)
-    scores = (q.view(B, H, n, c, D) @ k_band.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~band_mask(n, c, before, window, q.device), float("-inf"))
-    if sinks is not None:  # the sink logit joins each row's softmax, then leaves with no value
-        sink_col = sinks.to(scores.dtype).view(1, H, 1, 1, 1).expand(B, H, n, c, 1)
-        probs = torch.cat([scores, sink_col], dim=-1).softmax(dim=-1)[..., :-1]
-    else:
-        probs = scores.softmax(dim=-1)
-    probs = F.dropout(probs, dropout) if dropout else probs
-    return (probs @ v_band).view(B, H, n * c, D)[:, :, :T]
-
-
-def attention(q, k, v, mask, scale, sinks=None, dropout=0.0, window=0):
-    """Scaled dot-product attention. q: (B, H, T, D); k, v: (B, Hkv, S, D).
-
-    mask: None for causal attention (T == S), optionally within a sliding `window`; else a boolean (T, S) or
-    (B, 1, T, S) "may attend" mask. Sliding layers longer than their window use banded_attention on CPU and a
-    cached boolean mask on the fused SDPA kernels elsewhere; a window that covers the sequence is plain causal.
-    sinks (H,): each row's softmax also gets exp(sink_h) in its denominator. SDPA gets a key of zeros whose
-    score is set through an additive mask to sink_h, and a value of zeros, so it computes exactly that.
-    """
-    T = q.size(-2)
-    if k.size(1) != q.size(1):  # grouped-query attention: share each KV head across its group of query heads
-        rep = q.size(1) // k.size(1)
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if window and T > window and mask is None:
-        if q.device.type == "cpu":
-            return banded_attention(q, k, v, window, scale, sinks, dropout)
-        mask = sliding_window_mask(T, window, q.device)
-    if sinks is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
-                                              scale=scale)
-    S = k.size(-2)
-    if mask is None:
-        mask = causal_mask(T, q.device)
-    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-    bias = bias.view(1, 1, T, S) if bias.dim() == 2 else bias  # (1 or B, 1, T, S)
-    sink_col = sinks.to(q.dtype).view(1, -1, 1, 1).expand(bias.size(0), -1, T, 1)
-    bias = torch.cat([bias.expand(-1, q.size(1), -1, -1), sink_col], dim=-1)  # (B', H, T, S + 1)
-    zero = q.new_zeros(q.size(0), q.size(1), 1, q.size(-1))
-    k, v = torch.cat([k, zero], dim=-2), torch.cat([v, zero], dim=-2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
 
 
 class CausalSelfAttention(nn.Module):
@@ -346,8 +274,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.hd, bias=config.qkv_bias)
         self.c_proj = Linear(self.n_head * self.hd, config.n_embd, bias=config.attn_out_bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        if config.qk_norm:
-            self.q_norm, self.k_norm = Norm(self.hd, config), Norm(self.hd, config)
+        self.q_norm = Norm(self.hd, config) if config.qk_norm else nn.Identity()
+        self.k_norm = Norm(self.hd, config) if config.qk_norm else nn.Identity()
         self.sinks = nn.Parameter(torch.zeros(self.n_head)) if config.attn_sinks else None
 
     def forward(self, x, rope, cache=None):
@@ -356,8 +284,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)
         k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope["S" if self.sliding else "F"]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -366,7 +293,7 @@ class CausalSelfAttention(nn.Module):
         else:
             mask = None
         window = self.window if self.sliding and cache is None else 0
-        y = attention(q, k, v, mask, self.scale, self.sinks, self.dropout if self.training else 0.0, window)
+        y = ops.attention(q, k, v, mask, self.scale, self.sinks, self.dropout if self.training else 0.0, window)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)
         return self.resid_dropout(self.c_proj(y))
 
@@ -399,35 +326,9 @@ class MLP(nn.Module):
                 h = F.gelu(gate, approximate=self.approx) * up
             else:
                 h = clamped_swiglu(gate, up, self.limit)
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(h)), None  # no router logits: MoE's shape of result
 
 
-def compute_dtype(t):
-    """The dtype matmuls on t run in: autocast's when it is on for t's device, else t's own."""
-    device = t.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
-
-
-def grouped_matmul(x, w, counts, bias=None):
-    """Rows of x are grouped by expert (counts[e] rows for expert e); returns each group @ w[e] (+ bias[e]).
-
-    On CUDA in bf16 (bf16 tensors, or float32 ones under bf16 autocast, as train.py runs) this is one grouped
-    GEMM (whose strides must be multiples of 16 bytes: a LoRA rank of 4 takes the loop); elsewhere one matmul per
-    expert over its own rows, with the bias added inside addmm (gathering a [rows, out] bias tensor would cost as
-    much memory traffic as the matmul).
-    """
-    dtype = compute_dtype(x)
-    aligned = x.size(-1) % 8 == 0 and w.size(-1) % 8 == 0
-    if x.is_cuda and dtype == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm"):
-        y = torch._grouped_mm(x.to(dtype), w.to(dtype), offs=counts.cumsum(0).to(torch.int32))
-        if bias is not None:
-            y = y + bias.to(y.dtype).repeat_interleave(counts, dim=0, output_size=x.size(0))
-        return y
-    groups, ws = x.split(counts.tolist()), w.unbind(0)
-    if bias is None:
-        return torch.cat([g @ ws[e] for e, g in enumerate(groups)])
-    bs = bias.unbind(0)
-    return torch.cat([torch.addmm(bs[e], g, ws[e]) for e, g in enumerate(groups)])
 
 
 class MoE(nn.Module):
@@ -456,10 +357,10 @@ class MoE(nn.Module):
         self.lora_scale, self.lora_dropout = alpha / rank, nn.Dropout(dropout)
 
     def expert_matmul(self, x, name, counts):
-        y = grouped_matmul(x, getattr(self, name), counts, getattr(self, name + "_bias"))
+        y = ops.grouped_matmul(x, getattr(self, name), counts, getattr(self, name + "_bias"))
         if name + "_A" in self.lora:
             A, B = self.lora[name + "_A"].to(x.dtype), self.lora[name + "_B"].to(x.dtype)
-            y = y + grouped_matmul(grouped_matmul(self.lora_dropout(x), A, counts), B, counts) * self.lora_scale
+            y = y + ops.grouped_matmul(ops.grouped_matmul(self.lora_dropout(x), A, counts), B, counts) * self.lora_scale
         return y
 
     @torch.no_grad()
@@ -472,7 +373,8 @@ class MoE(nn.Module):
                 W.copy_((W.to(dtype) + delta * self.lora_scale).to(W.dtype))
 
     def forward(self, x):
-        """Returns the output and this layer's router logits (for the load-balancing loss)."""
+        """The experts' weighted output and this layer's router logits (for training's load-balancing loss), as
+        MLP returns (output, None); keeps the tokens each expert got (for logging)."""
         shape, C = x.shape, x.size(-1)
         x = x.reshape(-1, C)
         logits = self.router(x)
@@ -503,74 +405,6 @@ def load_balancing_loss(router_logits, n_expert, top_k):
     return n_expert * torch.sum(assigned / logits.size(0) * probs.mean(dim=0))
 
 
-class ChunkedHeadLoss(torch.autograd.Function):
-    """Mean cross-entropy of the head's logits x @ weight.T (softcapped if softcap) against targets (-1: ignored),
-    a chunk of rows at a time, so the (tokens, vocab) logits never exist whole: for gpt-oss's 201,088-token vocab
-    and 8,192 tokens they are 6.6 GB in float32, with their gradient twice that. The gradients are computed chunk by
-    chunk in the forward pass (softmax - one-hot, the same three matmuls as the plain head) and saved for backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, softcap, chunk, grads):
-        dtype = compute_dtype(x)
-        acc = torch.promote_types(dtype, torch.float32)  # the loss, the softmax and grad_w: float32 at least
-        w = weight.to(dtype)
-        n = (targets != -1).sum().clamp(min=1)
-        total = torch.zeros((), dtype=acc, device=x.device)
-        want_x, want_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
-        grad_x = torch.empty_like(x) if want_x else None
-        grad_w = None  # the first chunk's product, then each chunk's added in place (no zero-filled start)
-        for i in range(0, x.size(0), chunk):
-            xc, tc = x[i:i + chunk].to(dtype), targets[i:i + chunk]
-            logits = F.linear(xc, w).to(acc)
-            if softcap:
-                capped = torch.tanh(logits / softcap)
-                logits = capped * softcap
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            valid = (tc != -1).unsqueeze(1)
-            picked = logits.gather(1, tc.clamp(min=0).unsqueeze(1))
-            total += ((lse - picked) * valid).sum()
-            if not (want_x or want_w):
-                continue
-            g = logits.sub_(lse).exp_()  # softmax, in place of the logits
-            g.scatter_add_(1, tc.clamp(min=0).unsqueeze(1), -valid.to(g.dtype))
-            g.mul_(valid.to(acc) / n)
-            if softcap:
-                g.mul_(1 - capped * capped)
-            g = g.to(dtype)
-            if want_x:
-                grad_x[i:i + chunk] = g @ w
-            if want_w and grad_w is None:
-                grad_w = (g.t() @ xc).to(acc)
-            elif want_w and dtype == acc:
-                grad_w.addmm_(g.t(), xc)
-            elif want_w:
-                grad_w.add_(g.t() @ xc)
-            del logits, g  # before the next chunk's are made: one chunk's buffers at a time
-        ctx.save_for_backward(grad_x, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return total / n
-
-    @staticmethod
-    @once_differentiable  # the gradients are numbers computed in forward: no graph to differentiate again
-    def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors  # scaled in place: new (vocab, C) buffers cost page faults, not just time
-        grad_x = grad_x.mul_(grad_loss) if grad_x is not None else None
-        grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
-        return grad_x, grad_w, None, None, None, None
-
-
-def head_loss_rows(vocab_size, chunk_bytes=2**28, min_rows=1024):
-    """head_loss's chunk: about chunk_bytes of float32 logits but at least min_rows rows, since each chunk adds
-    its part of the weight's gradient to the whole (vocab, C) matrix, which must cost little next to the chunk's
-    matmuls."""
-    return max(min_rows, chunk_bytes // (4 * vocab_size))
-
-
-def head_loss(x, weight, targets, softcap=0.0, chunk_bytes=2**28, min_rows=1024):
-    """ChunkedHeadLoss of x (..., C) in chunks of head_loss_rows rows."""
-    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-    chunk = head_loss_rows(weight.size(0), chunk_bytes, min_rows)
-    return ChunkedHeadLoss.apply(x, weight, targets, softcap, chunk, torch.is_grad_enabled())
 
 
 class Block(nn.Module):
@@ -580,17 +414,13 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = Norm(config.n_embd, config)
         self.mlp = MoE(config) if config.n_expert else MLP(config)
-        if config.sandwich_norm:
-            self.post_attn_norm = Norm(config.n_embd, config)
-            self.post_mlp_norm = Norm(config.n_embd, config)
+        self.post_attn_norm = Norm(config.n_embd, config) if config.sandwich_norm else nn.Identity()
+        self.post_mlp_norm = Norm(config.n_embd, config) if config.sandwich_norm else nn.Identity()
 
     def forward(self, x, rope, cache=None):
-        h = self.attn(self.ln_1(x), rope, cache)
-        x = x + (self.post_attn_norm(h) if hasattr(self, "post_attn_norm") else h)
-        h = self.mlp(self.ln_2(x))
-        h, router_logits = h if isinstance(h, tuple) else (h, None)
-        x = x + (self.post_mlp_norm(h) if hasattr(self, "post_mlp_norm") else h)
-        return x, router_logits
+        x = x + self.post_attn_norm(self.attn(self.ln_1(x), rope, cache))
+        h, router_logits = self.mlp(self.ln_2(x))
+        return x + self.post_mlp_norm(h), router_logits
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -612,8 +442,8 @@ class GPT(nn.Module):
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        if config.pos_emb == "rope":  # inverse frequencies only: cos/sin are made per forward for the positions used
-            self.init_rope()
+        # RoPE inverse frequencies, float32, per device: a plain dict, not buffers, so .to(dtype) cannot round them
+        self.rope_freqs = {}
         self._residual_projections = {b.attn.c_proj for b in self.transformer.h} | {
             b.mlp.c_proj for b in self.transformer.h if isinstance(b.mlp, MLP)}
         self.apply(self._init_weights)
@@ -624,22 +454,80 @@ class GPT(nn.Module):
         self.aux_loss = None       # last training forward's load-balancing loss (detached), for logging
         self.lm_loss = None        # last forward's language-model loss (detached), for logging
 
-    def init_rope(self, device=None):
-        """(Re)compute the RoPE inverse frequencies in float32: non-persistent buffers, so hf.py calls this
-        after building the model on the meta device and materialising it with to_empty."""
-        config = self.config
-        local_theta = config.rope_local_theta or config.rope_theta
-        full, self.rope_scale_full = rope_inv_freq(config, config.rope_theta, yarn=True)
-        local, self.rope_scale_local = rope_inv_freq(config, local_theta, yarn=local_theta == config.rope_theta)
-        self.register_buffer("inv_freq_full", full.to(device), persistent=False)
-        self.register_buffer("inv_freq_local", local.to(device), persistent=False)
+    def forward(self, idx, targets=None, return_logits=True):
+        """Logits (B, T, vocab) for every position, and the loss if targets are given (-1 = ignore).
+        return_logits=False (train.py): the loss alone, and logits None; past 32 MB of logits it comes from
+        ops.head_loss, which never holds them whole (and is faster). In training, MoE models add
+        moe_aux_loss_weight * the load-balancing loss to the loss."""
+        x, router_logits = self.hidden_states(idx)
+        if targets is not None and not return_logits and self.chunked_head_loss(targets.numel(), ops.compute_dtype(x)):
+            logits, loss = None, ops.head_loss(x, self.lm_head.weight, targets, self.config.logit_softcap)
+        else:
+            logits = self.head(x)
+            if targets is None:
+                return logits, None
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        self.lm_loss = loss.detach()
+        if router_logits and self.training and self.config.moe_aux_loss_weight:
+            aux = load_balancing_loss(router_logits, self.config.n_expert, self.config.n_expert_active)
+            self.aux_loss = aux.detach()
+            loss = loss + self.config.moe_aux_loss_weight * aux
+        return (logits if return_logits else None), loss
 
-    def _apply(self, fn, *args, **kwargs):
-        """.to(dtype), .half(), .to_empty() would round or empty the RoPE buffers: recompute them in float32."""
-        super()._apply(fn, *args, **kwargs)
-        if self.config.pos_emb == "rope":
-            self.init_rope(self.inv_freq_full.device)
-        return self
+    def hidden_states(self, idx, pos=None, cache=None):
+        """Final-norm hidden states (B, T, C) and the MoE layers' router logits. pos: (T,) or (B, T) positions, by
+        default 0..T-1; cache: the engine's KV cache, which the attention layers append to (generation)."""
+        T = idx.size(1)
+        if pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+            pos = torch.arange(T, device=idx.device)
+        x = self.embed(idx, pos)
+        rope = self.rope(pos, x.dtype)
+        router_logits = []
+        for block in self.transformer.h:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # recompute this block's activations in the backward pass: memory for compute
+                x, logits = torch.utils.checkpoint.checkpoint(block, x, rope, cache, use_reentrant=False)
+            else:
+                x, logits = block(x, rope, cache)
+            if logits is not None:
+                router_logits.append(logits)
+        return self.transformer.ln_f(x), router_logits
+
+    def embed(self, idx, pos):
+        x = self.transformer.wte(idx)
+        if self.config.embed_scale:
+            x = x * torch.tensor(self.config.n_embd ** 0.5, dtype=x.dtype)
+        if self.config.pos_emb == "learned":
+            x = x + self.transformer.wpe(pos)
+        return self.transformer.drop(x)
+
+    def rope(self, pos, dtype):
+        """cos/sin of full ("F") and sliding ("S") layers at positions pos; None for learned positions."""
+        if self.config.pos_emb != "rope":
+            return None
+        if pos.device not in self.rope_freqs:
+            self.rope_freqs[pos.device] = {kind: (inv.to(pos.device), scale)
+                                           for kind, (inv, scale) in rope_tables(self.config).items()}
+        return {kind: rope_cos_sin(inv, scale, pos, dtype) for kind, (inv, scale) in self.rope_freqs[pos.device].items()}
+
+    def head(self, x):
+        logits = self.lm_head(x)
+        if self.config.logit_softcap:
+            logits = torch.tanh(logits / self.config.logit_softcap) * self.config.logit_softcap
+        return logits
+
+    def chunked_head_loss(self, n_tokens, dtype):
+        """Whether training's loss comes from ops.head_loss: past 32 MB of logits, for a plain head (no adapter or
+        bias), and not in float16, whose range the per-token gradients (softmax / tokens) would underflow."""
+        plain_head = self.lm_head.lora_A is None and self.lm_head.bias is None
+        return plain_head and dtype != torch.float16 and n_tokens * self.config.vocab_size * 4 > 2**25
+
+    def expert_load(self):
+        """Tokens routed to each expert in the last forward, per MoE layer: (n_layer, n_expert), or None."""
+        counts = [b.mlp.expert_counts for b in self.transformer.h if isinstance(b.mlp, MoE)]
+        return torch.stack(counts) if counts else None
 
     def _init_weights(self, module):
         """nanoGPT's init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer)."""
@@ -654,6 +542,7 @@ class GPT(nn.Module):
         elif isinstance(module, MoE):
             nn.init.normal_(module.gate_up, mean=0.0, std=std)
             nn.init.normal_(module.down, mean=0.0, std=proj_std)
+
 
     # -- LoRA ---------------------------------------------------------------------------------------------------
 
@@ -720,7 +609,7 @@ class GPT(nn.Module):
         6 per active matmul weight, plus attention scores over the keys each query actually sees."""
         cfg = self.config
         n = self.num_params(active=True)
-        if "wpe" in self.transformer:
+        if cfg.pos_emb == "learned":
             n -= self.transformer.wpe.weight.numel()
         if not cfg.tie_embeddings:  # the input embedding is a lookup, not a matmul
             n -= self.transformer.wte.weight.numel()
@@ -730,80 +619,53 @@ class GPT(nn.Module):
 
     def estimate_mfu(self, tokens_per_iter, dt, device="cpu", dtype=torch.float32):
         """Model FLOPs utilisation against the peak of the device actually used."""
-        return self.flops_per_token(self.config.block_size) * tokens_per_iter / dt / device_peak_flops(device, dtype)
+        return self.flops_per_token(self.config.block_size) * tokens_per_iter / dt / devices.peak_flops(device, dtype)
 
-    # -- forward -------------------------------------------------------------------------------------------------
+    def memory_estimate(self, batch_size, block_size, dtype, gradient_checkpointing=False, optimizer="adamw"):
+        """Rough device memory of training this model per process, in bytes: weights, gradients, optimizer state
+        ('adamw' or 'muon'), and the activations of one micro-batch computed in dtype (the peak comes in its
+        backward pass). Reads only shapes, dtypes and requires_grad, so the model may live on the meta device."""
+        named = list(self.named_parameters())  # each shared (tied) parameter once
+        size = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+        trained = [(n, p) for n, p in named if p.requires_grad]
+        momentum_only = [p for n, p in trained if optimizer == "muon" and self.is_muon_param(n, p)]
+        chunked_head = self.chunked_head_loss(batch_size * block_size, dtype)
+        return dict(weights=size(p for _, p in named), gradients=size(p for _, p in trained),
+                    optimizer=2 * size(p for _, p in trained) - size(momentum_only),  # AdamW: 2 moments, Muon: 1
+                    activations=self.activation_bytes(batch_size, block_size, dtype, gradient_checkpointing,
+                                                      chunked_head))
 
-    def rope(self, pos, dtype):
-        if self.config.pos_emb != "rope":
-            return None
-        return {"F": rope_cos_sin(self.inv_freq_full, self.rope_scale_full, pos, dtype),
-                "S": rope_cos_sin(self.inv_freq_local, self.rope_scale_local, pos, dtype)}
+    def activation_bytes(self, batch_size, block_size, dtype, gradient_checkpointing, chunked_head):
+        """Activations kept for backward in one micro-batch, counted per token and layer from what a block saves:
+        norm and projection inputs, q/k/v (GQA's repeated k/v too) and the attention output, the MLP's (or the top-k
+        experts') hidden states. Gradient checkpointing keeps each block's input and recomputes one block at a time.
+        Fused (GPU) attention is assumed: no T x T scores, except the additive mask attention sinks need. The logits
+        come on top: whole, with their float32 log-probabilities and gradients, where chunked_head_loss says no;
+        else one chunk of ops.head_loss's rows at a time (float32 logits turned softmax in place, their gradient in
+        the compute dtype, the tanh of a softcap)."""
+        cfg = self.config
+        a = 4 if dtype == torch.float32 else 2  # bytes per activation: autocast computes in 16 bits
+        tokens = batch_size * block_size
+        C, q, kv, hidden = cfg.n_embd, cfg.n_head * cfg.hd, cfg.kv_heads * cfg.hd, cfg.hidden
+        attn = 2 * C + 3 * q + 2 * kv + (2 * q if kv != q else 0)
+        if cfg.n_expert:  # each token's rows through gate_up, the clamped SwiGLU's intermediates, down, weighting
+            mlp = 2 * C + cfg.n_expert_active * (2 * C + 7 * hidden)
+        else:  # c_fc's output and the activation's; gated: [gate | up], act(gate) and the product
+            mlp = 2 * C + (2 if cfg.mlp == "gelu" else 4) * hidden
+        block = tokens * (attn + mlp + (2 * C if cfg.sandwich_norm else 0)) * a
+        if cfg.attn_sinks:
+            block += cfg.n_head * block_size * (block_size + 1) * a
+        blocks = cfg.n_layer * tokens * C * a + block if gradient_checkpointing else cfg.n_layer * block
+        if not chunked_head:
+            return blocks + tokens * cfg.vocab_size * (a + 12)
+        rows = min(tokens, ops.head_loss_rows(cfg.vocab_size))
+        return blocks + rows * cfg.vocab_size * (4 + a + (8 if cfg.logit_softcap else 0))
 
-    def embed(self, idx, pos):
-        x = self.transformer.wte(idx)
-        if self.config.embed_scale:
-            x = x * torch.tensor(self.config.n_embd ** 0.5, dtype=x.dtype)
-        if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(pos)
-        return self.transformer.drop(x)
+    @staticmethod
+    def is_muon_param(name, p):
+        """optimizer='muon': the 2D weights inside the blocks (not the router); AdamW takes the rest."""
+        return p.dim() == 2 and name.startswith("transformer.h.") and ".router." not in name
 
-    def hidden_states(self, idx, pos=None, cache=None):
-        """Final-norm hidden states (B, T, C) and each MoE layer's router logits. pos: (T,) or (B, T)."""
-        T = idx.size(1)
-        if pos is None:
-            if T > self.config.block_size:
-                raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-            pos = torch.arange(T, device=idx.device)
-        x = self.embed(idx, pos)
-        rope = self.rope(pos, x.dtype)
-        router_logits = []
-        for block in self.transformer.h:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                # recompute this block's activations in the backward pass: memory for compute
-                x, logits = torch.utils.checkpoint.checkpoint(block, x, rope, cache, use_reentrant=False)
-            else:
-                x, logits = block(x, rope, cache)
-            if logits is not None:
-                router_logits.append(logits)
-        return self.transformer.ln_f(x), router_logits
-
-    def head(self, x):
-        logits = self.lm_head(x)
-        if self.config.logit_softcap:
-            logits = torch.tanh(logits / self.config.logit_softcap) * self.config.logit_softcap
-        return logits
-
-    def forward(self, idx, targets=None, return_logits=True):
-        """Logits (B, T, vocab) for every position, and the loss if targets are given (-1 = ignore).
-        return_logits=False (train.py): the loss alone, and logits None; past 32 MB of logits it comes from
-        head_loss, which never holds them whole (and is faster). In training, MoE models add
-        moe_aux_loss_weight * the load-balancing loss to the loss."""
-        x, router_logits = self.hidden_states(idx)
-        if targets is not None and not return_logits and self.chunked_head_loss(targets.numel(), compute_dtype(x)):
-            logits, loss = None, head_loss(x, self.lm_head.weight, targets, self.config.logit_softcap)
-        else:
-            logits = self.head(x)
-            if targets is None:
-                return logits, None
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        self.lm_loss = loss.detach()
-        if router_logits and self.training and self.config.moe_aux_loss_weight:
-            aux = load_balancing_loss(router_logits, self.config.n_expert, self.config.n_expert_active)
-            self.aux_loss = aux.detach()
-            loss = loss + self.config.moe_aux_loss_weight * aux
-        return (logits if return_logits else None), loss
-
-    def chunked_head_loss(self, n_tokens, dtype):
-        """Whether training's loss comes from head_loss: past 32 MB of logits, for a plain head (no adapter or
-        bias), and not in float16, whose range the per-token gradients (softmax / tokens) would underflow."""
-        plain_head = self.lm_head.lora_A is None and self.lm_head.bias is None
-        return plain_head and dtype != torch.float16 and n_tokens * self.config.vocab_size * 4 > 2**25
-
-    def expert_load(self):
-        """Tokens routed to each expert in the last forward, per MoE layer: (n_layer, n_expert), or None."""
-        counts = [b.mlp.expert_counts for b in self.transformer.h if isinstance(b.mlp, MoE)]
-        return torch.stack(counts) if counts else None
 
     # -- optimizer -------------------------------------------------------------------------------------------------
 
@@ -835,242 +697,19 @@ class GPT(nn.Module):
         import hf
         hf.save_pretrained(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
 
-    # -- generation (KV cache) ---------------------------------------------------------------------------------
 
-    def forward_cached(self, idx, cache):
-        """Run new tokens idx (B, T) through the model, appending to cache; logits of the last position (B, V).
-        One token per row on a static cache (see compile_decode) runs the compiled step."""
-        if idx.size(1) == 1 and getattr(cache, "static", False):
-            logits = self._compiled_step(idx, cache)
-        else:
-            logits = self.one_step(idx, cache)
-        cache.advance()
-        return logits
-
-    def one_step(self, idx, cache):
-        x, _ = self.hidden_states(idx, pos=cache.positions(idx.size(1)), cache=cache.begin(idx.size(1)))
-        return self.head(x[:, -1, :])
-
-    def compile_decode(self, **compile_kwargs):
-        """torch.compile the one-token decoding step (gpt-fast style). KVCaches made afterwards are static: a
-        decode step attends over all of a full layer's preallocated columns (masked past the newest) instead
-        of a slice that grows every step, and the column counter is a tensor, so nothing the compiled step
-        sees changes shape from step to step or, the length being marked dynamic, from one generation to the
-        next: it compiles once. Prompts (several tokens per row) run uncompiled. Mixture-of-experts models
-        (GPT-OSS) stay uncompiled: their tokens are grouped by expert in sizes known only at run time, which
-        would break the graph at every layer and recompile for every new grouping. Returns whether it compiled."""
-        if self.config.n_expert:
-            return False
-        self._compiled_step = torch.compile(self.one_step, **compile_kwargs)
-        return True
-
-    @torch.no_grad()
-    def use_decode_layout(self):
-        """Store the weights of the Linears that widen (out > in: c_attn, c_fc, the vocabulary head) transposed
-        in memory: same shapes and values, strides (1, out). On CPU MKL's matrix-vector product for one token
-        streams such a weight faster that way (about 2x for the head); for the square and narrowing ones the
-        default layout is as fast or faster. For inference only (sample.py, serve.py): training keeps the
-        default layout."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear) and m.weight.is_contiguous() and m.out_features > m.in_features:
-                m.weight.data = m.weight.data.t().contiguous().t()
-        return self
-
-    @torch.no_grad()
-    def generate_stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(),
-                        generator=None):
-        """Decode a batch of prompts (lists of token ids, any lengths) with a KV cache: one pass over the prompts,
-        then one token per step. Yields, per step, a list with each row's new token id, or None for rows that
-        have stopped (a row stops after yielding one of stop_tokens)."""
-        device = self.lm_head.weight.device
-        lengths = [len(p) for p in prompts]
-        if min(lengths) == 0:
-            raise ValueError("every prompt needs at least one token")
-        longest = max(lengths)
-        if longest + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"model's block_size {self.config.block_size}")
-        # left-pad so every row's next token lands in the same column; positions start at 0 in every row
-        pad = torch.tensor([longest - n for n in lengths], device=device)
-        idx = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
-        cache = KVCache(self, len(prompts), longest + max_new_tokens, pad)
-        logits = self.forward_cached(idx, cache)
-        stop_tokens, running = set(stop_tokens), [True] * len(prompts)
-        for step in range(max_new_tokens):
-            next_tokens = sample_next(logits, temperature, top_k, top_p, generator)
-            out = []
-            for row, token in enumerate(next_tokens[:, 0].tolist()):
-                out.append(token if running[row] else None)
-                running[row] = running[row] and token not in stop_tokens
-            yield out
-            if not any(running) or step == max_new_tokens - 1:
-                return
-            logits = self.forward_cached(next_tokens, cache)
+    # -- generation: engine.py (the KV cache, the sampler, prefill and the decode step) ---------------------------
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
         """Continue idx (B, T) by max_new_tokens tokens (nanoGPT's signature); temperature 0 is greedy."""
-        steps = list(self.generate_stream(idx.tolist(), max_new_tokens, temperature, top_k, top_p,
-                                          generator=generator))
-        return torch.cat([idx, torch.tensor(steps, dtype=idx.dtype, device=idx.device).T], dim=1)
+        import engine
+        return engine.generate(self, idx, max_new_tokens, temperature, top_k, top_p, generator)
 
-
-class KVCache:
-    """Preallocated keys and values for every layer, gpt-fast style. Full layers keep every column; sliding
-    layers keep a ring buffer of the last `window` columns, so their memory stays flat however long the run.
-
-    Rows are left-padded to a common length: column c of row b holds position c - pad[b]; padding columns
-    are masked out of every real query. One forward = begin(T), each layer's update(), then advance().
-
-    A static cache (made for a model after compile_decode) gives the compiled one-token step fixed shapes: its
-    column counter is also a tensor (col_t), and a decode step attends over every column of a full layer,
-    those past the newest masked out, rather than over a slice that grows.
-    """
-
-    def __init__(self, model, batch_size, max_len, pad):
-        cfg, p = model.config, model.lm_head.weight
-        self.window, self.pad, self.col = cfg.sliding_window, pad, 0
-        self.static = hasattr(model, "_compiled_step")
-        self.col_t = torch.zeros(1, dtype=torch.long, device=p.device)
-        self.ring = min(max_len, cfg.sliding_window) if "S" in cfg.attn_pattern else 0
-        self.ring_cols = torch.full((self.ring,), -1, device=p.device)  # the column each ring slot holds
-        self.k, self.v, self.sliding = [], [], []
-        for i in range(cfg.n_layer):
-            sliding = cfg.layer_kind(i) == "S"
-            shape = (batch_size, cfg.kv_heads, self.ring if sliding else max_len, cfg.hd)
-            self.k.append(torch.zeros(shape, dtype=p.dtype, device=p.device))
-            self.v.append(torch.zeros(shape, dtype=p.dtype, device=p.device))
-            self.sliding.append(sliding)
-            if self.static and not sliding:  # one compiled step for every length (else one compile per length)
-                torch._dynamo.maybe_mark_dynamic(self.k[-1], 2)
-                torch._dynamo.maybe_mark_dynamic(self.v[-1], 2)
-        self.full_cols = None if all(self.sliding) else torch.arange(max_len, device=p.device)
-        if self.static and self.full_cols is not None:
-            torch._dynamo.maybe_mark_dynamic(self.full_cols, 0)
-
-    def decoding_static(self, T):
-        return self.static and T == 1
-
-    def positions(self, T):
-        if self.decoding_static(T):
-            return (self.col_t - self.pad).clamp(min=0).unsqueeze(1)  # (B, 1)
-        cols = torch.arange(self.col, self.col + T, device=self.pad.device)
-        return (cols.unsqueeze(0) - self.pad.unsqueeze(1)).clamp(min=0)  # (B, T)
-
-    def mask(self, key_cols, query_cols, window=0):
-        """(B, 1, T, S): key column visible to query column, in this row's real tokens (and window)."""
-        k, q = key_cols.view(1, 1, 1, -1), query_cols.view(1, 1, -1, 1)
-        ok = (k <= q) & (k >= self.pad.view(-1, 1, 1, 1))
-        if window:
-            ok = ok & (k > q - window) & (k >= 0)
-        return ok | (k == q)  # a padding query sees itself, so its (unused) output stays finite
-
-    def begin(self, T):
-        """Prepare the masks of a forward of T new tokens, shared by all layers of a kind."""
-        self.T = T
-        if self.decoding_static(T):  # every preallocated column, the newest one a tensor: fixed shapes
-            q = self.col_t
-            self.full_mask = None if self.full_cols is None else self.mask(self.full_cols, q)
-        else:
-            q = torch.arange(self.col, self.col + T, device=self.pad.device)
-            self.full_mask = self.mask(torch.arange(self.col + T, device=q.device), q)
-        if self.ring:
-            keep = q[-self.ring:]  # the new columns that stay in the ring, and their slots
-            self.ring_slots = keep % self.ring
-            new_ring_cols = self.ring_cols.clone()
-            new_ring_cols[self.ring_slots] = keep
-            # one token: write into the ring, then attend over it. Several: attend over ring + new, then write
-            key_cols = new_ring_cols if T == 1 else torch.cat([self.ring_cols, q])
-            self.sliding_mask = self.mask(key_cols, q, self.window)
-            self.new_ring_cols = new_ring_cols
-        return self
-
-    def update(self, layer, k, v):
-        """Store this layer's new keys/values (B, Hkv, T, D); return the keys, values and mask to attend over."""
-        K, V = self.k[layer], self.v[layer]
-        if not self.sliding[layer] and self.decoding_static(self.T):
-            K.index_copy_(2, self.col_t, k)
-            V.index_copy_(2, self.col_t, v)
-            return K, V, self.full_mask
-        if not self.sliding[layer]:
-            K[:, :, self.col:self.col + self.T] = k
-            V[:, :, self.col:self.col + self.T] = v
-            return K[:, :, :self.col + self.T], V[:, :, :self.col + self.T], self.full_mask
-        if self.T == 1:
-            K.index_copy_(2, self.ring_slots, k)
-            V.index_copy_(2, self.ring_slots, v)
-            return K, V, self.sliding_mask
-        k_all, v_all = torch.cat([K, k], dim=2), torch.cat([V, v], dim=2)
-        n = len(self.ring_slots)
-        K.index_copy_(2, self.ring_slots, k[:, :, -n:])
-        V.index_copy_(2, self.ring_slots, v[:, :, -n:])
-        return k_all, v_all, self.sliding_mask
-
-    def advance(self):
-        self.col += self.T
-        if self.static:
-            self.col_t += self.T
-        if self.ring:
-            self.ring_cols = self.new_ring_cols
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token id per row from logits (B, V): greedy at temperature 0, else top-k then nucleus (top-p)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(-1, sorted_idx, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# peak FLOP/s of the device in use, for MFU
-
-# dense tensor-core peaks (no sparsity), FLOP/s, by a substring of torch.cuda.get_device_name()
-GPU_PEAK_FLOPS = {
-    "H200": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12},
-    "H100": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12},
-    "A100": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 19.5e12},
-    "L40S": {torch.bfloat16: 362e12, torch.float16: 362e12, torch.float32: 91.6e12},
-    "L4": {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 30.3e12},
-    "A10": {torch.bfloat16: 125e12, torch.float16: 125e12, torch.float32: 31.2e12},
-    "4090": {torch.bfloat16: 165e12, torch.float16: 165e12, torch.float32: 82.6e12},
-    "3090": {torch.bfloat16: 71e12, torch.float16: 71e12, torch.float32: 35.6e12},
-    "V100": {torch.float16: 125e12, torch.float32: 15.7e12},
-    "T4": {torch.float16: 65e12, torch.float32: 8.1e12},
-}
-
-
-@functools.lru_cache(maxsize=None)
-def device_peak_flops(device="cpu", dtype=torch.float32):
-    """Peak FLOP/s: a table for known GPUs; on CPU (or an unknown GPU) a measured matmul peak."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peaks in GPU_PEAK_FLOPS.items():
-            if key in name and dtype in peaks:
-                return peaks[dtype]
-    return measure_matmul_flops(device, dtype)
-
-
-def measure_matmul_flops(device, dtype, n=1024, reps=20):  # best of 20: a busy machine still shows its peak
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(reps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    def generate_stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(),
+                        generator=None):
+        """Decode a batch of prompts (lists of token ids, any lengths); yields, per step, a list with each row's
+        new token id, or None for rows that have stopped (a row stops after yielding one of stop_tokens)."""
+        import engine
+        return engine.generate_stream(self, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens,
+                                      generator)

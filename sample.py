@@ -21,8 +21,10 @@ import time
 import torch
 
 import checkpoint
+import devices
+import engine
 from configurator import apply_overrides
-from tokenizer import CHAT_FORMATS, load_tokenizer, render_prompt, stop_strings, stop_tokens, stream_text
+from tokenizer import CHAT_FORMATS, TokenizerError, load_tokenizer, render_prompt, stop_strings, stop_tokens
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # either 'resume' (from an out_dir) or a Hugging Face name or path (e.g. 'gpt2-xl')
@@ -34,7 +36,7 @@ temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, 
 top_k = 200  # retain only the top_k most likely tokens, clamp others to have 0 probability; 0 = off
 top_p = 1.0  # nucleus sampling: keep the fewest tokens whose probabilities add up to top_p; 1.0 = off
 seed = 1337
-device = 'auto'  # examples: 'cpu', 'cuda', 'cuda:0', 'cuda:1', etc.; 'auto': cuda when there is one
+device = 'auto'  # examples: 'cpu', 'cuda', 'cuda:0', 'cuda:1', 'mps'; 'auto': devices.py's policy
 dtype = 'auto'  # 'float32' or 'bfloat16' or 'float16'; 'auto': bf16 (or fp16) on GPUs, fp32 on CPU
 compile = False  # torch.compile the one-token decoding step (the first sample waits for the compile)
 threads = 0  # CPU threads (torch.set_num_threads); 0 = torch's default. On a busy machine 1 can be much faster
@@ -64,16 +66,10 @@ def settings_error():
     return None
 
 
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-device_type = device.split(':')[0]
-if device_type == 'cuda' and not torch.cuda.is_available():
-    fail(f"device {device!r} is not available (no CUDA GPU): use --device=cpu")
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
-if ptdtype is None:
-    fail(f"dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
+try:
+    device, ptdtype = devices.resolve(device, dtype)
+except devices.DeviceError as e:
+    fail(str(e))
 if settings_error():
     fail(settings_error())
 if chat_format not in ('auto', 'none') + CHAT_FORMATS:
@@ -86,17 +82,18 @@ if init_from == 'resume' and checkpoint.find(out_dir) is None:
 try:
     model, meta = checkpoint.load_model(out_dir if init_from == 'resume' else init_from, device, ptdtype,
                                         tokenizer=tokenizer or None)
-except checkpoint.CheckpointError as e:
+except (checkpoint.CheckpointError, TokenizerError) as e:
     fail(str(e))
 except (OSError, ValueError) as e:  # Hugging Face loading: a missing directory, an unsupported config
     fail(f"init_from={init_from!r}: {e}")
 if model.config.lora_rank:
     model.merge_lora()  # a LoRA run's adapters folded in once: generation at the base model's speed
-if device_type == 'cpu':
-    model.use_decode_layout()  # faster one-token steps on CPU
-if compile and not model.compile_decode():
+if compile and not engine.compile_decode(model):
     print("note: --compile skipped: mixture-of-experts models (GPT-OSS) decode uncompiled", file=sys.stderr)
-tok = load_tokenizer(meta)
+try:
+    tok = load_tokenizer(meta)
+except TokenizerError as e:
+    fail(str(e))
 block_size = model.config.block_size
 if chat_format == 'auto':
     chat_format = meta.get('chat_format') or 'none'  # set by data/chat/prepare.py, kept by train.py
@@ -110,15 +107,15 @@ generator = torch.Generator(device=device).manual_seed(seed)
 
 
 def token_stream(ids, n, counter):
-    """Up to n new token ids after the prompt ids, as they come (model.generate_stream: KV cache). Within the
+    """Up to n new token ids after the prompt ids, as they come (engine.generate_stream: KV cache). Within the
     model's block_size in one run; past it, go on from the last block_size // 2 tokens, so a sample can be
     longer than the context. A stop token ends the stream and is not yielded. counter[0] counts the tokens."""
     ids = list(ids)
     while n > 0:
         context = ids if len(ids) + n <= block_size else ids[-(block_size // 2):]
         steps = min(n, block_size - len(context))
-        for (token,) in model.generate_stream([context], steps, temperature, top_k or None, top_p,
-                                              stop_tokens=stop_ids, generator=generator):
+        for (token,) in engine.generate_stream(model, [context], steps, temperature, top_k or None, top_p,
+                                               stop_tokens=stop_ids, generator=generator):
             counter[0] += 1
             if token in stop_ids:
                 return
@@ -140,10 +137,16 @@ def complete(ids):
         print(f"(reply capped at {n} tokens: {len(ids)} prompt tokens of a {block_size}-token context)",
               file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for piece in stream_text(token_stream(ids, n, counter), tok.decode, stop_texts):
-            print(piece, end='', flush=True)
-            pieces.append(piece)
+    text = engine.TextStream(tok.decode, stop_texts)
+    for token in token_stream(ids, n, counter):
+        piece, stopped = text.push(token)
+        print(piece, end='', flush=True)
+        pieces.append(piece)
+        if stopped:
+            break
+    else:
+        pieces.append(text.flush())
+        print(pieces[-1], end='', flush=True)
     dt = time.perf_counter() - t0
     rate = counter[0] / max(dt, 1e-9)
     print(f"\n[{len(ids)} prompt tokens, {counter[0]} new tokens, {dt:.2f}s, {rate:.1f} tokens/s]", flush=True)
@@ -229,7 +232,11 @@ def interact():
                 return
             continue
         text = line.replace('\\n', '\n')
-        ids = encode(text, history) if text else []
+        try:
+            ids = encode(text, history) if text else []
+        except ValueError as e:  # a character the tokenizer lacks: this line is skipped, the conversation goes on
+            print(f"error: {e}", flush=True)
+            continue
         if not ids:
             continue
         try:
@@ -253,7 +260,10 @@ if start.startswith('FILE:'):
             start = f.read()
     except OSError as e:
         fail(f"cannot read the prompt file {start[5:]!r}: {e.strerror}")
-start_ids = encode(start, history)
+try:
+    start_ids = encode(start, history)
+except ValueError as e:
+    fail(str(e))
 if not start_ids:
     fail("the prompt is empty: give --start at least one token")
 

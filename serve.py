@@ -30,15 +30,12 @@ max_tokens gets 16 tokens (as OpenAI's), a chat reply up to --default_max_tokens
   oversubscribed, torch's parallel ops stall at their barriers and run several times slower.
 
 How it works, top to bottom:
-- SlotCache: the KV cache of the batch. Rows are request slots that come and go; all rows share one column
-  clock `col`, and each row keeps its own left offset `start`, so a row that joins mid-flight has its prompt
-  in columns [col - L, col) and then decodes in lockstep with everyone else. It obeys the protocol that
-  model.py's attention calls (positions / begin / update / advance), so GPT.forward_cached runs on it as is.
-- Batcher: one background thread owns a model. Each step it admits waiting rows (one prefill forward for all
-  of them), then decodes one token for every active row at once; tokens go back to each request's queue.
-  Every row samples with its own settings in one batched pass (sample_rows); a seeded row draws from its
-  own RNG, so its draws do not depend on what else is in the batch.
-- BatchedHead (CPU): the output head in the matrix layout that suits the batch size (see its docstring).
+- Batcher: one background thread owns a model and runs continuous batching on the engine (engine.py: the KV
+  cache's slots, prefill, the decode step, the sampler, the stop-string streamer). Each step it admits waiting
+  rows (one prefill forward for all of them), then decodes one token for every active row at once; the events
+  go back to each request's queue. Every row samples with its own settings in one batched pass; a seeded row
+  draws its uniforms from its own generator, so its draws do not depend on what else is in the batch.
+- ops.BatchedHead (CPU): the output head in the matrix layout that suits the batch size.
 - The HTTP layer (FastAPI on uvicorn): validation, chat rendering, SSE, upstream forwarding, a JSONL trace.
 """
 
@@ -48,7 +45,6 @@ import collections
 import hmac
 import json
 import os
-import random
 import socket
 import sys
 import threading
@@ -59,230 +55,12 @@ from pathlib import Path
 
 import torch
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# the batch's KV cache: request rows come and go, one shared column clock
-
-
-class SlotCache:
-    """Keys and values (rows, kv_heads, width, head_dim) per layer for continuous batching.
-
-    Active rows occupy slots 0..n-1 (a finished row's slot is filled by the last row, so the active rows are
-    always a prefix and a decode step works on views, never on gathered copies). Every row's newest token is at
-    column col - 1; row b's tokens start at column start[b]: position = column - start[b], and columns before
-    start[b] (what earlier occupants of the slot left there) are masked out. A decode step writes column col
-    for every row, then col += 1. New rows are prefilled together, right-aligned so their prompts end at col.
-    When the columns run out the live span is slid left (the same shift for every row, so alignment holds)
-    and, if it still does not fit, the tensors grow. Sliding-window layers keep every column like full ones
-    (no ring buffer: the rows' offsets differ) but attend over only the last `window` of them.
-
-    One forward = set_prefill(...) or set_decode(), then GPT.forward_cached: positions(T), begin(T), each
-    layer's update(), advance().
-    """
-
-    def __init__(self, model, rows=4, width=256):
-        cfg, p = model.config, model.lm_head.weight
-        self.n_layer, self.kv_heads, self.hd, self.window = cfg.n_layer, cfg.kv_heads, cfg.hd, cfg.sliding_window
-        self.sliding = [cfg.layer_kind(i) == "S" for i in range(cfg.n_layer)]
-        self.dtype, self.device = p.dtype, p.device
-        self.max_width = 2 * cfg.block_size  # longest row (<= block_size) + longest remaining run (<= block_size)
-        self.rows, self.width = 0, 0
-        self.k, self.v = [], []
-        self.start = torch.zeros(0, dtype=torch.long, device=self.device)
-        self.col, self.n = 0, 0  # column clock, active rows
-        self._alloc(rows, min(width, self.max_width))
-
-    def _alloc(self, rows, width):
-        """(Re)allocate to rows x width, keeping the live columns of the active rows where they are."""
-        shape = (rows, self.kv_heads, width, self.hd)
-        live = self.col  # columns [0, col) may hold live keys
-        for store in (self.k, self.v):
-            for i in range(self.n_layer):
-                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                if store and self.n:
-                    new[:self.n, :, :live] = store[i][:self.n, :, :live]
-                if len(store) < self.n_layer:
-                    store.append(new)
-                else:
-                    store[i] = new
-        start = torch.zeros(rows, dtype=torch.long, device=self.device)
-        start[:self.n] = self.start[:self.n]
-        self.start, self.rows, self.width = start, rows, width
-
-    def memory_bytes(self):
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def span(self):
-        """Columns the longest active row occupies (0 when there are none)."""
-        return self.col - int(self.start[:self.n].min()) if self.n else 0
-
-    def relayout(self, new_col):
-        """Slide every active row's columns by new_col - col (rows stay right-aligned at the clock)."""
-        shift, span = new_col - self.col, self.span()
-        if shift == 0:
-            return
-        if self.n and span:
-            for store in (self.k, self.v):
-                for t in store:
-                    t[:self.n, :, new_col - span:new_col] = t[:self.n, :, self.col - span:self.col].clone()
-        self.start[:self.n] += shift
-        self.col = new_col
-
-    def reserve(self, new_rows, prompt_len, need):
-        """Make room for new_rows rows whose prompts (up to prompt_len tokens) will end at the clock, and for
-        every row to write `need` more columns. The clock moves back to the longest row's length (compaction)
-        when a prompt does not fit before it, the run does not fit after it, or most columns are dead."""
-        if self.n == 0:
-            self.col = 0
-        longest = max(self.span(), prompt_len)
-        col = self.col
-        if col < prompt_len or col + need > self.width or col > 2 * longest + 64:
-            col = longest
-        rows, width = self.rows, self.width
-        while rows < self.n + new_rows:
-            rows *= 2
-        if col + need > width:  # col <= block_size and need <= block_size, so this fits in max_width
-            width = max(min(2 * width, self.max_width), col + need)
-        if (rows, width) != (self.rows, self.width):
-            self._alloc(rows, width)
-        self.relayout(col)
-
-    def move_row(self, src, dst):
-        """Copy slot src into slot dst (a finished row's slot gets the last row)."""
-        for store in (self.k, self.v):
-            for t in store:
-                t[dst, :, :self.col] = t[src, :, :self.col]
-        self.start[dst] = self.start[src]
-
-    # -- what one forward sees -------------------------------------------------------------------------------
-
-    def set_prefill(self, first_row, lengths):
-        """The next forward prefills rows first_row.. with prompts of these lengths, left-padded to the
-        longest and ending at the clock."""
-        L = max(lengths)
-        self.rows_slice = slice(first_row, first_row + len(lengths))
-        self.start[self.rows_slice] = self.col - torch.tensor(lengths, device=self.device)
-        self.qcols = torch.arange(self.col - L, self.col, device=self.device)
-        self.prefill = True
-
-    def set_decode(self):
-        """The next forward feeds one token to every active row, at column col."""
-        self.rows_slice = slice(0, self.n)
-        self.qcols = torch.arange(self.col, self.col + 1, device=self.device)
-        self.prefill = False
-
-    def positions(self, T):
-        start = self.start[self.rows_slice].unsqueeze(1)
-        return (self.qcols.unsqueeze(0) - start).clamp(min=0)  # (B, T); padding columns get position 0
-
-    def begin(self, T):
-        start = self.start[self.rows_slice].view(-1, 1, 1, 1)
-        q = self.qcols.view(1, 1, -1, 1)
-        if self.prefill:  # keys: the new tokens themselves (the new rows have no past)
-            k = self.qcols.view(1, 1, 1, -1)
-            ok = (k <= q) & (k >= start)
-            self.full_mask = ok | (k == q)  # a padding query sees itself, so its (unused) output stays finite
-            if self.window:
-                self.sliding_mask = (ok & (k > q - self.window)) | (k == q)
-        else:  # keys: every column up to the clock (full) or the last `window` of them (sliding)
-            self.lo = max(0, self.col - self.window + 1) if self.window else 0
-            self.full_mask = torch.arange(self.col + 1, device=self.device).view(1, 1, 1, -1) >= start
-            self.sliding_mask = self.full_mask[..., self.lo:]
-        return self
-
-    def update(self, layer, k, v):
-        K, V, rows = self.k[layer], self.v[layer], self.rows_slice
-        if self.prefill:
-            K[rows, :, self.col - k.size(2):self.col] = k
-            V[rows, :, self.col - k.size(2):self.col] = v
-            return k, v, self.sliding_mask if self.sliding[layer] else self.full_mask
-        K[rows, :, self.col] = k[:, :, 0]
-        V[rows, :, self.col] = v[:, :, 0]
-        lo = self.lo if self.sliding[layer] else 0
-        end = self.col + 1
-        return K[rows, :, lo:end], V[rows, :, lo:end], self.sliding_mask if self.sliding[layer] else self.full_mask
-
-    def advance(self):
-        if not self.prefill:
-            self.col += 1
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# text out of tokens, with stop strings
-
-
-class TextStream:
-    """Incremental detokenization: push token ids, get the text that is safe to send. Text that could still
-    become a stop string, or an unfinished UTF-8 character, is held back; a stop string ends the text exactly
-    before it."""
-
-    def __init__(self, tokenizer, stops):
-        self.tok, self.stops = tokenizer, [s for s in stops if s]
-        self.ids, self.text, self.sent = [], "", 0
-
-    def push(self, token):
-        """Returns (new text, whether a stop string was hit)."""
-        self.ids.append(token)
-        self.text = self.tok.decode(self.ids)
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
-        if hits:
-            cut = min(hits)
-            out, self.sent, self.text = self.text[self.sent:cut], cut, self.text[:cut]
-            return out, True
-        end = max(self.sent, len(self.text.rstrip("\ufffd")))  # U+FFFD at the end: a character still coming
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, end - self.sent), hold, -1):
-                if self.text.startswith(s[:k], end - k):
-                    hold = k
-                    break
-        end -= hold
-        out, self.sent = self.text[self.sent:end], max(self.sent, end)
-        return out, False
-
-    def flush(self):
-        out, self.sent = self.text[self.sent:], len(self.text)
-        return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# sampling: every row with its own settings, in one batched pass
-
-
-def sample_rows(logits, rows, rng):
-    """One token id per row of logits (B, V). Each row has its own temperature (0: greedy), top_k and top_p,
-    with model.sample_next's semantics (top-k, then the nucleus: drop tokens whose preceding mass exceeds top_p).
-    Sampling is by inverse CDF with one uniform per row, drawn from the row's own random.Random when it has a
-    seed (so a seeded request repeats whatever else is in the batch), else from `rng`."""
-    temps = [r.temperature for r in rows]
-    if all(t == 0 for t in temps):
-        return logits.argmax(dim=-1).tolist()
-    B, V = logits.shape
-    device = logits.device
-    z = logits.float() / torch.tensor([t or 1.0 for t in temps], device=device).unsqueeze(1)
-    top_ks = [r.top_k if r.top_k and r.top_k < V else V for r in rows]
-    if min(top_ks) < V:
-        values = torch.topk(z, max(k for k in top_ks if k < V), dim=-1).values
-        kth = values.gather(1, torch.tensor([min(k, values.size(1)) - 1 for k in top_ks], device=device).unsqueeze(1))
-        keep_all = torch.tensor([k >= V for k in top_ks], device=device).unsqueeze(1)
-        z = z.masked_fill(~keep_all & (z < kth), float("-inf"))
-    # u < 1 - 2^-22 keeps u * total below the float32 total, so the pick is a token of nonzero probability
-    u = torch.tensor([min((r.rng or rng).random(), 1 - 2**-22) for r in rows], device=device).unsqueeze(1)
-    if any(r.top_p is not None for r in rows):
-        z, order = z.sort(dim=-1, descending=True)
-        probs = z.softmax(dim=-1)
-        p = torch.tensor([r.top_p if r.top_p is not None else float("inf") for r in rows], device=device)
-        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs > p.unsqueeze(1), 0.0)
-    else:  # unnormalised: the pick below scales u by the total instead of dividing every probability. In place
-        # on z (a fresh tensor): new (B, V) buffers cost page faults, several times the arithmetic on CPU
-        order, probs = None, z.sub_(z.amax(dim=-1, keepdim=True)).exp_()
-    cdf = probs.cumsum_(dim=-1)  # probs is a fresh tensor on every path
-    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=V - 1)
-    tokens = (pick if order is None else order.gather(1, pick))[:, 0]
-    if any(t == 0 for t in temps):
-        tokens = torch.where(torch.tensor([t == 0 for t in temps], device=device), logits.argmax(dim=-1), tokens)
-    return tokens.tolist()
-
+import checkpoint
+import devices
+import engine
+import ops
+import tokenizer as tokenizer_lib
+from tokenizer import TokenizerError
 
 # ----------------------------------------------------------------------------------------------------------------
 # the batcher: one thread owns the model
@@ -295,21 +73,30 @@ class Row:
     index: int                  # the choice's index in the response
     prompt: list
     max_new: int
-    temperature: float
+    temperature: float          # temperature, top_p, top_k: the row's engine.Sampling settings
     top_p: float | None
     top_k: int | None
-    rng: random.Random | None   # the row's own uniforms, when the request has a seed
+    generator: torch.Generator | None  # the row's own uniforms, when the request has a seed
     stop_ids: frozenset
-    text: TextStream
+    text: engine.TextStream
     produced: int = 0
     last: int = -1              # the last sampled token, fed at the next step
     done: bool = False
 
 
+@dataclass
+class Event:
+    """What a request's queue receives: text of a choice, its end, an error (from the batcher), or "gone" (from
+    the request's watchdog, when the client hangs up)."""
+    kind: str                   # "text" | "done" | "error" | "gone"
+    index: int = 0
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
 class GenRequest:
-    """A request's rows and the asyncio queue their events go to. Events, from the worker thread:
-    ("text", index, text), ("done", index, finish_reason, completion_tokens), ("error", message); and
-    ("gone",) from the request's own watchdog when the client hangs up."""
+    """A request's rows and the asyncio queue their events go to."""
 
     def __init__(self, loop):
         self.loop, self.queue = loop, asyncio.Queue()
@@ -338,19 +125,20 @@ def deliver(events):
 
 
 class Batcher:
-    """Continuous batching over a SlotCache. Each step: drop cancelled rows, admit waiting rows (one prefill
+    """Continuous batching over an engine.KVCache. Each step: drop cancelled rows, admit waiting rows (one prefill
     forward for all that fit, their first tokens sampled from it), then one decode forward for every active
     row. A row leaves the batch as soon as it finishes, and its slot is reused at the next step."""
 
     def __init__(self, model, name="model", max_batch=16, max_prefill_tokens=4096):
         self.model, self.name = model, name
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
-        self.cache = SlotCache(model, rows=min(4, max_batch))
+        # the longest row (<= block_size) plus the longest remaining run (<= block_size)
+        self.cache = engine.KVCache(model, rows=min(4, max_batch), width=256, max_width=2 * model.config.block_size)
         self.active, self.waiting = [], collections.deque()
         self.cond = threading.Condition()
         self.stopping = False
         self.steps = 0
-        self.rng = random.Random()  # the uniforms of rows without a seed
+        self.generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)  # unseeded rows
         self.outbox = []  # (request, event) pairs of the current step
         self.thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self.thread.start()
@@ -394,7 +182,7 @@ class Batcher:
                 for row in {*self.active, *admit}:
                     if not row.done:
                         row.done = True
-                        self.outbox.append((row.req, ("error", message)))
+                        self.outbox.append((row.req, Event("error", row.index, text=message)))
                 self.active, self.cache.n, self.cache.col = [], 0, 0
             self._flush()
 
@@ -431,31 +219,20 @@ class Batcher:
         self.active.pop()
         self.cache.n -= 1
 
-    def _need(self, rows):
-        return max(row.max_new - row.produced for row in rows)
-
     def _prefill(self, rows):
-        cache, device = self.cache, self.cache.device
-        lengths = [len(r.prompt) for r in rows]
-        L = max(lengths)
-        cache.reserve(len(rows), L, self._need(self.active + rows))
-        n = cache.n
-        idx = torch.tensor([[0] * (L - len(r.prompt)) + r.prompt for r in rows], device=device)
-        cache.set_prefill(n, lengths)
-        cache.n = n + len(rows)
+        need = max(row.max_new - row.produced for row in self.active + rows)
+        first = self.cache.n
+        logits = engine.prefill(self.model, self.cache, [r.prompt for r in rows], need)
         self.active.extend(rows)
-        logits = self.model.forward_cached(idx, cache)
-        self._sample_and_emit(logits, list(range(n, n + len(rows))))
+        self._sample_and_emit(logits, list(range(first, first + len(rows))))
 
     def _decode(self):
-        cache = self.cache
-        idx = torch.tensor([[r.last] for r in self.active], device=cache.device)
-        cache.set_decode()
-        logits = self.model.forward_cached(idx, cache)
+        logits = engine.decode_one_token(self.model, self.cache, [r.last for r in self.active])
         self._sample_and_emit(logits, list(range(len(self.active))))
 
     def _sample(self, logits, rows):
-        return sample_rows(logits, rows, self.rng)
+        u = torch.tensor([torch.rand((), generator=r.generator or self.generator).item() for r in rows])
+        return engine.sample(logits, rows, u)
 
     def _sample_and_emit(self, logits, slots):
         rows = [self.active[s] for s in slots]
@@ -471,10 +248,11 @@ class Batcher:
                 if reason == "length":
                     text += row.text.flush()
             if text:
-                self.outbox.append((row.req, ("text", row.index, text)))
+                self.outbox.append((row.req, Event("text", row.index, text)))
             if reason is not None:
                 row.done = True
-                self.outbox.append((row.req, ("done", row.index, reason, row.produced)))
+                self.outbox.append((row.req, Event("done", row.index, finish_reason=reason,
+                                                   completion_tokens=row.produced)))
                 finished.append(slot)
         for slot in sorted(finished, reverse=True):
             self._remove(slot)
@@ -503,34 +281,6 @@ class LocalModel:
         return self.model.config.block_size
 
 
-class BatchedHead(torch.nn.Module):
-    """The output head for batched decoding on CPU, where it is most of a step's work (V x C, V ~ 50k-260k).
-    MKL's matmul packs the big operand when several rows come at once, so x @ W.T costs about as much for
-    8 rows as a pass over W does 3 times over; W @ x.T on a row-major W streams it once. One row is fastest on
-    the transposed copy that GPT.use_decode_layout makes. So this head keeps both layouts (one extra copy of
-    the head matrix) and picks per call; the values are the same. From 4 rows on, MKL's matmul packs the
-    whole (V, C) matrix, a pass through memory of its own: blocks of 256 vocabulary rows (in L2 cache) make
-    that packing cheap, 8 rows then cost ~2 passes over W instead of ~3."""
-
-    def __init__(self, lm_head):
-        super().__init__()
-        self.weight, self.bias = lm_head.weight, lm_head.bias  # whatever layout; tied embeddings stay tied
-        w = lm_head.weight.detach()  # each layout below is a view of w when w already has it, else a copy
-        self.register_buffer("rows", w if w.is_contiguous() else w.contiguous(), persistent=False)  # (V, C)
-        self.register_buffer("cols", w.t() if w.t().is_contiguous() else w.t().contiguous(), persistent=False)
-
-    def forward(self, x):
-        flat = x.reshape(-1, x.size(-1))
-        if flat.size(0) == 1:
-            y = flat @ self.cols
-        elif flat.size(0) < 4:  # MKL streams W once for up to 3 rows
-            y = flat @ self.rows.t()
-        else:
-            y = torch.cat([flat @ block.t() for block in self.rows.split(256)], dim=1)
-        y = y if self.bias is None else y + self.bias
-        return y.reshape(*x.shape[:-1], y.size(-1))
-
-
 def _family(model, path):
     """The model's Hugging Face family (gpt2, gemma3_text, gpt_oss), which picks the default chat format."""
     import hf
@@ -544,15 +294,12 @@ def load_local_model(name, path, device, dtype, chat_format=None, tokenizer=None
                      max_prefill_tokens=4096):
     """A checkpoint (out_dir or Hugging Face directory / hub id, via checkpoint.load_model) with its tokenizer,
     chat format and a batcher of its own."""
-    import checkpoint
-    import tokenizer as tokenizer_lib
     model, meta = checkpoint.load_model(path, device, dtype, tokenizer=tokenizer)
     if getattr(model.config, "lora_rank", 0):
         model.merge_lora()  # a LoRA run's adapters folded in once: serving at the base model's speed
     if torch.device(device).type == "cpu":
-        if hasattr(model, "use_decode_layout"):
-            model.use_decode_layout()  # faster one-token matmuls on CPU
-        model.lm_head = BatchedHead(model.lm_head)
+        engine.prepare_for_decoding(model)  # faster one-token matmuls on CPU
+        model.lm_head = ops.BatchedHead(model.lm_head)
     tok = tokenizer_lib.load_tokenizer(meta)
     chat_format = chat_format or tokenizer_lib.default_chat_format(meta, _family(model, path))
     try:
@@ -600,13 +347,12 @@ def _number(body, key, default, lo, hi, integer=False):
 
 
 def _tokenize(param, fn, *args, **kwargs):
-    """Run a tokenizer call on client text; its complaints (tokenizer.py's char tokenizer exits on a character
-    outside the vocabulary, the chat renderer raises ValueError) become a 400 naming `param`."""
+    """Run a tokenizer call on client text; its complaints (a character outside a char tokenizer's vocabulary,
+    a conversation the chat format cannot render: ValueErrors) become a 400 naming `param`."""
     try:
         return fn(*args, **kwargs)
-    except (ValueError, KeyError, SystemExit) as e:
-        message = str(e.code if isinstance(e, SystemExit) else e).removeprefix("error: ")
-        raise APIError(400, message, param=param, code="invalid_value") from None
+    except ValueError as e:
+        raise APIError(400, str(e), param=param, code="invalid_value") from None
 
 
 @dataclass
@@ -639,7 +385,6 @@ def _message_text(content, i):
 
 def parse_request(lm, body, chat, default_max_tokens):
     """Validate an OpenAI request body against a local model; raises APIError (400) on bad input."""
-    import tokenizer as tokenizer_lib
     tok, block = lm.tokenizer, lm.block_size
     if chat:
         messages = body.get("messages")
@@ -735,9 +480,9 @@ def make_rows(lm, spec, req):
     for p, (ids, max_new) in enumerate(zip(spec.prompts, spec.max_tokens)):
         for j in range(spec.n):
             index = p * spec.n + j
-            rng = random.Random(spec.seed + index) if spec.seed is not None else None
-            rows.append(Row(req, index, ids, max_new, spec.temperature, spec.top_p, spec.top_k, rng,
-                            spec.stop_ids, TextStream(lm.tokenizer, spec.stops)))
+            generator = None if spec.seed is None else torch.Generator().manual_seed((spec.seed + index) % 2**64)
+            rows.append(Row(req, index, ids, max_new, spec.temperature, spec.top_p, spec.top_k, generator,
+                            spec.stop_ids, engine.TextStream(lm.tokenizer.decode, spec.stops)))
     return rows
 
 
@@ -773,20 +518,94 @@ def sse(obj):
 
 async def watch(req, request, poll=0.5):
     """Runs beside a request: every `poll` seconds, asks whether the client is still there; when it is not,
-    queues ("gone",) so the handler stops (and its rows leave the batch)."""
+    queues a "gone" event so the handler stops (and its rows leave the batch)."""
     while not req.cancelled:
         await asyncio.sleep(poll)
         if await request.is_disconnected():
-            req.queue.put_nowait(("gone",))
+            req.queue.put_nowait(Event("gone"))
             return
 
 
-async def next_event(req):
-    """The next event for this request; raises ClientGone when the client has hung up."""
-    event = await req.queue.get()
-    if event[0] == "gone":
-        raise ClientGone()
-    return event
+class Reply:
+    """One local completion request's answer as it builds up: OpenAI's response and chunk shapes, and the tallies
+    the usage and the trace need."""
+
+    def __init__(self, model_name, chat, n_choices, prompt_tokens):
+        self.chat, self.prompt_tokens, self.closed = chat, prompt_tokens, False
+        self.head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+                     "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+                     "model": model_name}
+        self.texts, self.finishes, self.completion_tokens = [""] * n_choices, [None] * n_choices, 0
+
+    def add(self, event):
+        if event.kind == "text":
+            self.texts[event.index] += event.text
+        else:
+            self.finishes[event.index] = event.finish_reason
+            self.completion_tokens += event.completion_tokens
+
+    def usage(self):
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def chunk(self, index, text=None, finish=None, role=False):
+        """A streamed event: a role announcement (chat), new text, or a choice's finish."""
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return sse({**self.head, "choices": [choice]})
+
+    def body(self):
+        """The whole (not streamed) response."""
+        if self.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                        "finish_reason": f} for i, (t, f) in enumerate(zip(self.texts, self.finishes))]
+        else:
+            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
+                       for i, (t, f) in enumerate(zip(self.texts, self.finishes))]
+        return {**self.head, "object": "chat.completion" if self.chat else "text_completion", "choices": choices,
+                "usage": self.usage()}
+
+
+async def events(req, n_choices):
+    """A request's events until every choice is done. Raises ClientGone when the client hung up, APIError (500)
+    when generation failed."""
+    left = n_choices
+    while left:
+        event = await req.queue.get()
+        if event.kind == "gone":
+            raise ClientGone()
+        if event.kind == "error":
+            raise APIError(500, event.text, type="server_error")
+        left -= event.kind == "done"
+        yield event
+
+
+async def stream(reply, req, include_usage, close):
+    """The server-sent events of a streamed request; close() runs however it ends."""
+    status, error = 200, None
+    try:
+        if reply.chat:
+            for i in range(len(reply.texts)):
+                yield reply.chunk(i, role=True)
+        try:
+            async for event in events(req, len(reply.texts)):
+                reply.add(event)
+                yield reply.chunk(event.index, event.text) if event.kind == "text" else \
+                    reply.chunk(event.index, finish=event.finish_reason)
+        except APIError as e:
+            status, error = e.status, e.message
+            yield sse(e.body())
+        if include_usage and status == 200:
+            yield sse({**reply.head, "choices": [], "usage": reply.usage()})
+        yield "data: [DONE]\n\n"
+    except (ClientGone, asyncio.CancelledError, GeneratorExit, OSError):
+        status, error = 499, "client disconnected"
+        raise
+    finally:
+        await close(status, error)
 
 
 def EventStream(events, close, media_type="text/event-stream"):
@@ -935,95 +754,29 @@ class App:
         spec = parse_request(lm, body, chat, self.default_max_tokens)
         req = GenRequest(asyncio.get_running_loop())
         req.rows = make_rows(lm, spec, req)
-        prompt_tokens = sum(len(p) for p in spec.prompts)
-        record["prompt_tokens"] = prompt_tokens
+        reply = Reply(lm.name, chat, len(req.rows), sum(len(p) for p in spec.prompts))
+        record["prompt_tokens"] = reply.prompt_tokens
         lm.batcher.submit(req)
         watchdog = asyncio.ensure_future(watch(req, request))
-        created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        n_choices = len(req.rows)
-        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-                "model": lm.name}
 
-        def chunk(index, text=None, finish=None, role=False):
-            if chat:
-                delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return sse({**head, "choices": [choice]})
-
-        def usage(completion_tokens):
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens}
+        async def close(status=499, error="client disconnected"):
+            """Once per stream, however it ends: the rows leave the batch, the trace gets its line."""
+            if not reply.closed:
+                reply.closed = True
+                req.cancel()
+                watchdog.cancel()
+                done(status, error, completion_tokens=reply.completion_tokens, finish_reason=reply.finishes)
 
         if spec.stream:
-            state = {"completion_tokens": 0, "finishes": {}, "closed": False}
-
-            async def close(status=499, error="client disconnected"):
-                """Once per stream, however it ends: the rows leave the batch, the trace gets its line."""
-                if not state["closed"]:
-                    state["closed"] = True
-                    req.cancel()
-                    watchdog.cancel()
-                    done(status, error, completion_tokens=state["completion_tokens"],
-                         finish_reason=[state["finishes"].get(i) for i in range(n_choices)])
-
-            async def events():
-                status, error, left = 200, None, n_choices
-                completion_tokens, finishes = 0, state["finishes"]
-                try:
-                    if chat:
-                        for i in range(n_choices):
-                            yield chunk(i, role=True)
-                    while left:
-                        event = await next_event(req)
-                        if event[0] == "text":
-                            yield chunk(event[1], event[2])
-                        elif event[0] == "done":
-                            left -= 1
-                            finishes[event[1]], completion_tokens = event[2], completion_tokens + event[3]
-                            state["completion_tokens"] = completion_tokens
-                            yield chunk(event[1], finish=event[2])
-                        else:
-                            status, error = 500, event[1]
-                            yield sse(APIError(500, event[1], type="server_error").body())
-                            break
-                    if spec.include_usage and status == 200:
-                        yield sse({**head, "choices": [], "usage": usage(completion_tokens)})
-                    yield "data: [DONE]\n\n"
-                except (ClientGone, asyncio.CancelledError, GeneratorExit, OSError):
-                    status, error = 499, "client disconnected"
-                    raise
-                finally:
-                    await close(status, error)
-
-            return EventStream(events(), close)
-
-        texts, finishes, completion_tokens = [""] * n_choices, [None] * n_choices, 0
-        try:
-            left = n_choices
-            while left:
-                event = await next_event(req)
-                if event[0] == "text":
-                    texts[event[1]] += event[2]
-                elif event[0] == "done":
-                    left -= 1
-                    finishes[event[1]], completion_tokens = event[2], completion_tokens + event[3]
-                else:
-                    raise APIError(500, event[1], type="server_error")
+            return EventStream(stream(reply, req, spec.include_usage, close), close)
+        try:  # an error or a client gone: generate() answers and traces it
+            async for event in events(req, len(req.rows)):
+                reply.add(event)
         finally:
             req.cancel()  # a no-op when every row is done; else (client gone, error) they leave the batch
             watchdog.cancel()
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                        "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finishes))]
-        else:
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
-                       for i, (t, f) in enumerate(zip(texts, finishes))]
-        done(200, completion_tokens=completion_tokens, finish_reason=finishes)
-        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                             "created": created, "model": lm.name, "choices": choices,
-                             "usage": usage(completion_tokens)})
+        done(200, completion_tokens=reply.completion_tokens, finish_reason=reply.finishes)
+        return JSONResponse(reply.body())
 
     async def forward(self, request, raw, body, record, done):
         """Pass the request to the upstream, streaming included; None when the upstream is down."""
@@ -1226,14 +979,6 @@ def parse_args(argv):
     return args, specs
 
 
-def resolve_device(device, dtype):
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    return device, getattr(torch, dtype)
-
-
 def bind(host, port):
     """Bind the listening socket before loading anything, so a taken port fails at once."""
     try:
@@ -1251,7 +996,10 @@ def bind(host, port):
 def main(argv=None):
     args, specs = parse_args(sys.argv[1:] if argv is None else argv)
     sock = bind(args.host, args.port)
-    device, dtype = resolve_device(args.device, args.dtype)
+    try:
+        device, dtype = devices.resolve(args.device, args.dtype)
+    except devices.DeviceError as e:
+        fail(str(e), code=2)
     if device == "cpu":  # the model's threads and the event loop share the cores: oversubscribed, every
         # parallel op waits at a barrier for a thread that is not running, several times slower
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
@@ -1260,10 +1008,8 @@ def main(argv=None):
         try:
             models.append(load_local_model(name, path, device, dtype, args.chat_format, args.tokenizer,
                                            args.max_batch, args.max_prefill_tokens))
-        except SystemExit as e:  # tokenizer.py exits with its message
-            if isinstance(e.code, str):
-                fail(f"cannot load model {name!r} from {path}: {e.code.removeprefix('error: ')}")
-            raise
+        except (TokenizerError, checkpoint.CheckpointError) as e:
+            fail(f"cannot load model {name!r} from {path}: {e}")
         except Exception as e:
             fail(f"cannot load model {name!r} from {path}: {type(e).__name__}: {e}")
     trace_path = args.trace_file or os.path.join("out-serve", "trace.jsonl")

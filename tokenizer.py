@@ -24,10 +24,14 @@ and ../shared/tiktoken_cache exists beside the repo, that cache is used.
 """
 import json
 import os
-import sys
 from pathlib import Path
 
 SHARED_TIKTOKEN_CACHE = Path(__file__).resolve().parent.parent / "shared" / "tiktoken_cache"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer or meta.json that cannot be used, or text it cannot encode; the message is one line naming the
+    fix. Scripts print it as their one-line error; the server answers 400."""
 
 
 def dtype_for_vocab(vocab_size):
@@ -53,8 +57,8 @@ class CharTokenizer:
         try:
             return [self.stoi[c] for c in text]
         except KeyError as e:
-            sys.exit(f"error: character {e.args[0]!r} is not in this dataset's "
-                     f"{self.vocab_size}-character vocabulary: remove it from the text")
+            raise TokenizerError(f"character {e.args[0]!r} is not in this dataset's "
+                                 f"{self.vocab_size}-character vocabulary: remove it from the text") from None
 
     def decode(self, ids):
         return "".join(self.chars[i] for i in _as_list(ids))
@@ -70,8 +74,8 @@ class TiktokenTokenizer:
         try:
             self.enc = tiktoken.get_encoding(name)
         except Exception as e:  # usually: offline without a cache
-            sys.exit(f"error: could not load tiktoken encoding {name!r} ({type(e).__name__}: {e}): "
-                     f"set TIKTOKEN_CACHE_DIR to a tiktoken cache, or connect to the internet")
+            raise TokenizerError(f"could not load tiktoken encoding {name!r} ({type(e).__name__}: {e}): "
+                                 f"set TIKTOKEN_CACHE_DIR to a tiktoken cache, or connect to the internet") from None
         self.name = name
         self.vocab_size = self.enc.n_vocab
         self.eot_token = self.enc.eot_token
@@ -89,7 +93,7 @@ def _tiktoken_names():
     try:
         import tiktoken
     except ImportError:
-        sys.exit("error: BPE tokenizers need tiktoken: pip install tiktoken")
+        raise TokenizerError("BPE tokenizers need tiktoken: pip install tiktoken") from None
     return tiktoken.list_encoding_names()
 
 
@@ -98,16 +102,16 @@ def load_tokenizer(meta):
     name = meta.get("tokenizer")
     if name == "char":
         if not isinstance(meta.get("chars"), str):
-            sys.exit("error: meta.json of a char-level dataset needs \"chars\": re-run its prepare.py")
+            raise TokenizerError("meta.json of a char-level dataset needs \"chars\": re-run its prepare.py")
         tok = CharTokenizer(meta["chars"])
     elif name in _tiktoken_names():
         tok = TiktokenTokenizer(name)
     else:
-        sys.exit(f"error: unknown tokenizer {name!r}: use 'char' or a tiktoken encoding "
-                 f"({', '.join(_tiktoken_names())})")
+        raise TokenizerError(f"unknown tokenizer {name!r}: use 'char' or a tiktoken encoding "
+                             f"({', '.join(_tiktoken_names())})")
     if meta.get("vocab_size", tok.vocab_size) != tok.vocab_size:
-        sys.exit(f"error: meta.json says vocab_size {meta['vocab_size']} but tokenizer {name!r} has "
-                 f"{tok.vocab_size}: re-run the dataset's prepare.py")
+        raise TokenizerError(f"meta.json says vocab_size {meta['vocab_size']} but tokenizer {name!r} has "
+                             f"{tok.vocab_size}: re-run the dataset's prepare.py")
     return tok
 
 
@@ -124,11 +128,11 @@ def read_meta(data_dir):
     """A dataset's meta.json as a dict."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
-        sys.exit(f"error: {path} not found: prepare the dataset first (python {Path(data_dir) / 'prepare.py'})")
+        raise TokenizerError(f"{path} not found: prepare the dataset first (python {Path(data_dir) / 'prepare.py'})")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
-        sys.exit(f"error: {path} is not valid JSON ({e}): re-run the dataset's prepare.py")
+        raise TokenizerError(f"{path} is not valid JSON ({e}): re-run the dataset's prepare.py") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,36 +301,3 @@ def default_chat_format(meta_or_tokenizer, family=None):
         return "gemma"
     name = m.get("tokenizer") if isinstance(m, dict) else getattr(m, "name", m)
     return "harmony" if name == "o200k_harmony" else "plain"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# streaming text with stop strings
-
-
-def stream_text(tokens, decode, stop=()):
-    """Turn one row's stream of token ids into a stream of text pieces, ending exactly before the first stop
-    string. Text that could still grow into a stop string, or an unfinished UTF-8 character (decoded as
-    U+FFFD), is held back until it is settled. The generator's return value is "stop" or "length"."""
-    stop = [s for s in stop if s]
-    ids, sent = [], 0  # sent: characters of the decoded text already yielded
-    for token in tokens:
-        ids.append(token)
-        text = decode(ids)
-        hits = [i for i in (text.find(s, max(0, sent - len(s))) for s in stop) if i >= 0]
-        if hits:
-            if min(hits) > sent:
-                yield text[sent:min(hits)]
-            return "stop"
-        settled = len(text.rstrip("\ufffd"))
-        for s in stop:  # hold back a tail that is a prefix of a stop string
-            for n in range(min(len(s) - 1, settled - sent), 0, -1):
-                if text[settled - n:settled] == s[:n]:
-                    settled -= n
-                    break
-        if settled > sent:
-            yield text[sent:settled]
-            sent = settled
-    text = decode(ids)
-    if len(text) > sent:
-        yield text[sent:]
-    return "length"

@@ -29,8 +29,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import fields
 
 import numpy as np
 import torch
@@ -38,10 +36,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
-import hf
+import devices
+import lossplot
 from configurator import apply_overrides
-from model import GPT, GPTConfig, device_peak_flops, head_loss_rows
-from tokenizer import read_meta
+from dataset import DatasetError, open_dataset
+from model import GPT
+from tokenizer import TokenizerError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -89,7 +89,7 @@ lr_decay_iters = 600000  # should be ~= max_iters per Chinchilla
 min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
 # system
 backend = 'auto'  # DDP backend: 'nccl' on GPUs, 'gloo' on CPU; 'auto' picks
-device = 'auto'  # 'cpu', 'cuda', 'cuda:1', 'mps', or 'auto': cuda when there is one
+device = 'auto'  # 'cpu', 'cuda', 'cuda:1', 'mps', or 'auto': cuda when there is one, else mps, else cpu (devices.py)
 dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' (with a GradScaler); 'auto': bf16 or fp16 on GPUs, fp32 on CPU
 compile = True  # use PyTorch 2.0 to compile the model to be faster
 gradient_checkpointing = False  # recompute each block's activations in backward: less memory, ~30% more compute
@@ -119,11 +119,12 @@ def fail(message):
     sys.exit(1)
 
 
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-device_type = device.split(':')[0]
-if device_type == 'cuda' and not torch.cuda.is_available():
-    fail(f"device {device!r} is not available (no CUDA GPU): use --device=cpu")
+try:  # the one device/dtype policy: see devices.py
+    device, ptdtype = devices.resolve(device, dtype)
+except devices.DeviceError as e:
+    fail(str(e))
+device_type = torch.device(device).type
+dtype = str(ptdtype).removeprefix('torch.')
 if ddp:
     local_rank, world_size = int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
     dist.init_process_group(backend=backend if backend != 'auto' else 'nccl' if device_type == 'cuda' else 'gloo')
@@ -145,81 +146,24 @@ if master_process:
 torch.manual_seed(seed)  # the same initial weights in every process
 torch.set_float32_matmul_precision('high')  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
-if ptdtype is None:
-    fail(f"dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
-base_ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(base_dtype)
+base_ptdtype = devices.DTYPES.get(base_dtype)
 if base_ptdtype is None:
-    fail(f"base_dtype {base_dtype!r} is not one of float32, bfloat16, float16")
+    fail(f"base_dtype {base_dtype!r} is not one of {', '.join(devices.DTYPES)}")
 if base_ptdtype != torch.float32 and ptdtype == torch.float32:  # float32 activations cannot meet 16-bit weights
     fail(f"base_dtype={base_dtype} needs autocast: set dtype={base_dtype} too")
-ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+ctx = devices.autocast(device, ptdtype)  # a no-op in float32
 if optimizer not in ('adamw', 'muon'):
     fail(f"optimizer {optimizer!r} is not one of adamw, muon")
 
 # -----------------------------------------------------------------------------
 # data: flat token streams (train.bin, val.bin) and meta.json, made by data/<dataset>/prepare.py; or chat data for
 # supervised fine-tuning (data/chat/prepare.py): fixed rows of row_len tokens plus loss masks (train_mask.bin, ...)
-
-
-def dataset_dir():
-    """data/<dataset>, or dataset itself when it is a path."""
-    return dataset if os.sep in dataset or '/' in dataset else os.path.join(REPO, 'data', dataset)
-
-
-def find_data_dir():
-    data_dir = dataset_dir()
-    is_path = data_dir == dataset
-    name = os.path.basename(os.path.normpath(data_dir))
-    for file in ('train.bin', 'val.bin', 'meta.json'):
-        if not os.path.isfile(os.path.join(data_dir, file)):
-            if not os.path.isfile(os.path.join(REPO, 'data', name, 'prepare.py')):
-                known = sorted(d for d in os.listdir(os.path.join(REPO, 'data'))
-                               if os.path.isfile(os.path.join(REPO, 'data', d, 'prepare.py')))
-                fail(f"dataset {dataset!r} has no {file} and there is no data/{name}/prepare.py to make it "
-                     f"(datasets: {', '.join(known)})")
-            out = f" --out_dir={data_dir}" if is_path else ""
-            fail(f"dataset {dataset!r} is not prepared (no {os.path.join(data_dir, file)}): "
-                 f"run python data/{name}/prepare.py{out}")
-    return data_dir
-
-
-def trained_rows(split):
-    """Chat data: the rows with at least one trained target (a row of prompt or padding only would give a
-    micro-batch nothing to learn, and a 0/0 loss), checked against meta.json."""
-    row_len = meta.get('row_len')
-    if not row_len:
-        fail(f"dataset {dataset!r} has {split}_mask.bin but its meta.json has no row_len: re-run data/chat/prepare.py")
-    if block_size + 1 != row_len:
-        fail(f"dataset {dataset!r} holds rows of {row_len} tokens (prepared with --block_size={row_len - 1}): set "
-             f"block_size={row_len - 1}, or prepare it again with --block_size={block_size}")
-    tokens, mask = (os.path.join(data_dir, f'{split}{suffix}.bin') for suffix in ('', '_mask'))
-    if not os.path.isfile(mask):
-        fail(f"dataset {dataset!r} has train_mask.bin but no {split}_mask.bin: re-run data/chat/prepare.py")
-    n_tokens = os.path.getsize(tokens) // data_dtype.itemsize
-    if n_tokens % row_len or os.path.getsize(mask) != n_tokens:
-        fail(f"{split}.bin and {split}_mask.bin of {dataset!r} are not rows of {row_len} tokens with one mask byte "
-             f"each: re-run data/chat/prepare.py")
-    rows = np.flatnonzero(np.memmap(mask, dtype=np.uint8, mode='r').reshape(-1, row_len)[:, 1:].any(axis=1))
-    if len(rows) == 0:
-        fail(f"{split} of {dataset!r} has no assistant tokens to train on")
-    return rows
-
-
-data_dir = None if estimate_only else find_data_dir()
-meta = read_meta(data_dir) if data_dir else {}
-if estimate_only and os.path.isfile(os.path.join(dataset_dir(), 'meta.json')):
-    meta = read_meta(dataset_dir())  # no data is read, but a prepared dataset's meta.json still sizes the vocabulary
-sft = bool(data_dir) and os.path.isfile(os.path.join(data_dir, 'train_mask.bin'))
-if data_dir:
-    data_dtype = np.dtype(meta['dtype'])
-    sft_rows = {split: trained_rows(split) for split in ('train', 'val')} if sft else None
-    for split in ('train', 'val'):
-        n_tokens = os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // data_dtype.itemsize
-        if n_tokens <= block_size:
-            fail(f"{split}.bin of {dataset!r} has {n_tokens} tokens, fewer than block_size + 1 ({block_size + 1})")
+try:  # checked here, before any weight is loaded: see dataset.py
+    data_dir, meta, sft_rows = open_dataset(dataset, block_size, estimate_only)
+except (DatasetError, TokenizerError) as e:
+    fail(str(e))
+sft = sft_rows is not None
+data_dtype = np.dtype(meta['dtype']) if data_dir else None
 
 
 def get_batch(split, key, n, rows):
@@ -248,146 +192,11 @@ def to_device(t):
 
 
 # -----------------------------------------------------------------------------
-# model init
-
-
-def requested_config():
-    """The architecture this config asks for: a preset or the n_layer/... knobs, then model_overrides."""
-    if model:
-        try:
-            base = GPTConfig.preset(model).to_dict()
-        except ValueError as e:
-            fail(f"model: {e}")
-    else:
-        base = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout,
-                    qkv_bias=bias, attn_out_bias=bias, mlp_bias=bias, norm_bias=bias,
-                    gelu_approx='none')  # nanoGPT's model: exact GELU (nn.GELU), as its recipes were trained
-    vocab = {'vocab_size': meta['vocab_size']} if meta else {}  # no prepared dataset (estimate_only): the preset's
-    return make_config({**base, **vocab, **checked_overrides()})
-
-
-def checked_overrides():
-    """model_overrides, each key a GPTConfig field and each value of that field's type."""
-    types = {f.name: f.type for f in fields(GPTConfig)}
-    for key, value in model_overrides.items():
-        if key not in types:
-            fail(f"model_overrides: {key!r} is not a GPTConfig field (see model.py)")
-        kind = types[key]
-        ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
-        if not ok or (kind is not bool and isinstance(value, bool)):
-            fail(f"model_overrides: {key} must be {kind.__name__}, got {value!r}")
-    return model_overrides
-
-
-LORA_DEFAULTS = {f.name: f.default for f in fields(GPTConfig) if f.name.startswith('lora_')}
-
-
-def lora_settings():
-    """The adapters model_overrides asks for (every lora_* field, unset ones at their defaults), or {} for none."""
-    asked = {k: v for k, v in checked_overrides().items() if k in LORA_DEFAULTS}
-    return {**LORA_DEFAULTS, **asked} if asked.get('lora_rank') else {}
-
-
-def base_overrides():
-    return {k: v for k, v in checked_overrides().items() if k not in LORA_DEFAULTS}
-
-
-def make_config(d):
-    try:
-        return GPTConfig(**d)
-    except (AssertionError, TypeError, ValueError) as e:
-        fail(f"invalid model config: {e}")
-
-
-def hf_config(name_or_path):
-    """The GPTConfig of a Hugging Face checkpoint from its config.json alone (a hub id downloads just that file)."""
-    path = os.path.join(name_or_path, 'config.json')
-    if not os.path.isdir(name_or_path):
-        try:
-            path = hf.hub().hf_hub_download(name_or_path, 'config.json')
-        except Exception as e:  # offline, a wrong name, a gated model: several kinds
-            reason = (str(e).strip().splitlines() or [''])[0]
-            raise OSError(f"no local directory of that name, and no config.json from the Hugging Face Hub "
-                          f"({type(e).__name__}: {reason})") from None
-    with open(path, encoding='utf-8') as f:
-        return hf.config_from_hf(json.load(f))
-
-
-def planned_config():
-    """The architecture this run trains, read from configs alone (no weights): for the memory estimate."""
-    try:
-        if init_from == 'scratch':
-            return requested_config()
-        if init_from == 'resume':
-            return checkpoint.model_config(checkpoint.read(out_dir))
-        if checkpoint.find(init_from) is not None:  # another run's out_dir; its own adapters get merged
-            base = checkpoint.model_config(checkpoint.read(init_from)).to_dict()
-        else:
-            base = hf_config(init_from).to_dict()
-    except checkpoint.CheckpointError as e:
-        fail(str(e))
-    except (OSError, ValueError) as e:
-        fail(f"init_from={init_from!r}: {e}")
-    return make_config({**base, 'lora_rank': 0, **base_overrides(), **lora_settings()})
-
-
-def prepare_for_training(m):
-    """LoRA trains the adapters only, and their frozen base may be stored in base_dtype (also on the meta device)."""
-    if m.config.lora_rank:
-        for name, p in m.named_parameters():
-            p.requires_grad_('lora' in name)
-            if 'lora' not in name:
-                p.data = p.data.to(base_ptdtype)
-    m.gradient_checkpointing = gradient_checkpointing
-    return m
-
-
-def is_muon_param(name, p):
-    """optimizer='muon': the 2D weights inside the blocks (not the router); AdamW takes the rest."""
-    return p.dim() == 2 and name.startswith('transformer.h.') and '.router.' not in name
-
-
-def memory_estimate(m):
-    """Rough device memory of this run per process, in bytes: weights, gradients, optimizer state, and the
-    activations of one micro-batch (the peak comes in its backward pass). Reads only shapes, dtypes and
-    requires_grad, so m may live on the meta device: estimate_only builds nothing else."""
-    named = list(m.named_parameters())  # each shared (tied) parameter once
-    size = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
-    trained = [(n, p) for n, p in named if p.requires_grad]
-    momentum_only = [p for n, p in trained if optimizer == 'muon' and is_muon_param(n, p)]
-    return dict(weights=size(p for _, p in named), gradients=size(p for _, p in trained),
-                optimizer=2 * size(p for _, p in trained) - size(momentum_only),  # AdamW: 2 moments, Muon: 1
-                activations=activation_bytes(m.config, m.chunked_head_loss(batch_size * block_size, ptdtype)))
-
-
-def activation_bytes(cfg, chunked_head):
-    """Activations kept for backward in one micro-batch, counted per token and layer from what a block saves:
-    norm and projection inputs, q/k/v (GQA's repeated k/v too) and the attention output, the MLP's (or the top-k
-    experts') hidden states. Gradient checkpointing keeps each block's input and recomputes one block at a time.
-    Fused (GPU) attention is assumed: no T x T scores, except the additive mask attention sinks need. The logits
-    come on top: whole, with their float32 log-probabilities and gradients, where GPT.chunked_head_loss says no;
-    else one chunk of model.head_loss's rows at a time (float32 logits turned softmax in place, their gradient in
-    the compute dtype, the tanh of a softcap)."""
-    a = 4 if ptdtype == torch.float32 else 2  # bytes per activation: autocast computes in 16 bits
-    tokens = batch_size * block_size
-    C, q, kv, hidden = cfg.n_embd, cfg.n_head * cfg.hd, cfg.kv_heads * cfg.hd, cfg.hidden
-    attn = 2 * C + 3 * q + 2 * kv + (2 * q if kv != q else 0)
-    if cfg.n_expert:  # each token's rows through gate_up, the clamped SwiGLU's intermediates, down, weighting
-        mlp = 2 * C + cfg.n_expert_active * (2 * C + 7 * hidden)
-    else:  # c_fc's output and the activation's; gated: [gate | up], act(gate) and the product
-        mlp = 2 * C + (2 if cfg.mlp == 'gelu' else 4) * hidden
-    block = tokens * (attn + mlp + (2 * C if cfg.sandwich_norm else 0)) * a
-    if cfg.attn_sinks:
-        block += cfg.n_head * block_size * (block_size + 1) * a
-    blocks = cfg.n_layer * tokens * C * a + block if gradient_checkpointing else cfg.n_layer * block
-    if not chunked_head:
-        return blocks + tokens * cfg.vocab_size * (a + 12)
-    rows = min(tokens, head_loss_rows(cfg.vocab_size))
-    return blocks + rows * cfg.vocab_size * (4 + a + (8 if cfg.logit_softcap else 0))
+# model init: the architecture from configs alone, a memory estimate, then the weights (checkpoint.init_model)
 
 
 def print_memory_estimate(m):
-    est = memory_estimate(m)
+    est = m.memory_estimate(batch_size, block_size, ptdtype, gradient_checkpointing, optimizer)
     n_trained = sum(p.numel() for p in m.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in m.parameters())
     if m.config.lora_rank:
@@ -400,13 +209,16 @@ def print_memory_estimate(m):
           f"gradient checkpointing {'on' if gradient_checkpointing else 'off'})")
 
 
-planned = planned_config()
+try:
+    planned = checkpoint.planned_config(config, meta)
+except checkpoint.CheckpointError as e:
+    fail(str(e))
 if planned.lora_rank == 0 and base_ptdtype != torch.float32:
     fail(f"base_dtype={base_dtype} is for the frozen weights of LoRA runs: add lora_rank to model_overrides, or "
          f"train all weights with base_dtype=float32")
 try:
     with torch.device('meta'):  # the estimate builds no weights: shapes and dtypes only
-        estimate_model = prepare_for_training(GPT(planned))
+        estimate_model = checkpoint.prepare_for_training(GPT(planned), base_ptdtype, gradient_checkpointing)
 except ValueError as e:  # lora_targets that match nothing, or a tied head
     fail(f"model_overrides: {e}")
 if master_process:
@@ -414,92 +226,11 @@ if master_process:
 if estimate_only:
     sys.exit(0)
 
-
-def check_init_vocab():
-    """init_from a pretrained model: its tokenizer must be the dataset's (checked before any weight is loaded)."""
-    if checkpoint.find(init_from) is not None:
-        try:
-            init_meta = checkpoint.load_meta(checkpoint.read(init_from))
-        except checkpoint.CheckpointError as e:
-            fail(str(e))
-        if any(init_meta.get(k) != meta.get(k) for k in ('tokenizer', 'vocab_size', 'chars')):
-            fail(f"vocab mismatch: the checkpoint in {init_from} was trained on tokenizer "
-                 f"{init_meta.get('tokenizer')!r} ({init_meta.get('vocab_size')} tokens), dataset {dataset!r} uses "
-                 f"{meta['tokenizer']!r} ({meta['vocab_size']} tokens): prepare the dataset with the checkpoint's "
-                 f"tokenizer (for 'char': the same characters)")
-        return
-    want = checkpoint.hf_tokenizer(planned)  # None for Gemma: its tokenizer is not one of ours
-    if os.path.isfile(os.path.join(init_from, checkpoint.META)):  # export.py's output names its tokenizer
-        want = read_meta(init_from)['tokenizer']
-    if want and meta['tokenizer'] != want:
-        fail(f"{init_from} was trained with tokenizer {want!r} but dataset {dataset!r} uses {meta['tokenizer']!r}: "
-             f"pick a dataset tokenized with {want!r}")
-
-
-iter_num = 0
-best_val_loss = float('inf')
-origin = init_from  # 'scratch', or the Hugging Face model or out_dir the weights came from, kept through resumes
-base_ref = None  # LoRA on a pretrained model: checkpoints hold the adapters and this reference to their base
-ckpt_info = None
-if init_from == 'scratch':
-    if master_process:
-        print("Initializing a new model from scratch")
-    raw_model = GPT(planned)
-elif init_from == 'resume':
-    if master_process:
-        print(f"Resuming training from {out_dir}")
-    try:
-        ckpt_info = checkpoint.read(out_dir)
-        ckpt_config = checkpoint.model_config(ckpt_info)
-        ckpt_meta = checkpoint.load_meta(ckpt_info)
-    except checkpoint.CheckpointError as e:
-        fail(str(e))
-    origin, base_ref = ckpt_info.get('init_from', 'scratch'), ckpt_info.get('base')
-    if (ckpt_meta.get('tokenizer'), ckpt_meta.get('vocab_size')) != (meta['tokenizer'], meta['vocab_size']):
-        fail(f"vocab mismatch: the checkpoint in {out_dir} was trained on tokenizer {ckpt_meta.get('tokenizer')!r} "
-             f"({ckpt_meta.get('vocab_size')} tokens), dataset {dataset!r} uses {meta['tokenizer']!r} "
-             f"({meta['vocab_size']} tokens): resume with the checkpoint's dataset")
-    resume_overrides = {}
-    if origin == 'scratch':  # the checkpoint's architecture must be the one this config asks for
-        asked = requested_config()
-        diff = [f"{f.name}={getattr(ckpt_config, f.name)!r} (config asks {getattr(asked, f.name)!r})"
-                for f in fields(GPTConfig) if f.name != 'dropout'
-                and getattr(ckpt_config, f.name) != getattr(asked, f.name)]
-        if diff:
-            fail(f"architecture mismatch: the checkpoint in {out_dir} has {', '.join(diff)}: resume with the "
-                 f"settings it was trained with")
-        resume_overrides = {'dropout': asked.dropout}
-    try:  # built on the meta device and filled: no random init for the checkpoint to overwrite
-        raw_model = checkpoint.build_model(ckpt_info, **resume_overrides)
-    except checkpoint.CheckpointError as e:
-        fail(str(e))
-    iter_num = ckpt_info['iter_num']
-    best_val_loss = ckpt_info['best_val_loss'] if ckpt_info['best_val_loss'] is not None else float('inf')
-    seed = ckpt_info['seed']  # continue the checkpoint's data stream and dropout RNG
-else:
-    check_init_vocab()
-    if os.path.exists(init_from):  # a path, kept absolute so the checkpoints find their base from anywhere
-        origin = os.path.abspath(init_from)
-    base_spec = dict(init_from=origin, dtype=base_dtype, overrides=base_overrides())
-    if master_process:
-        print(f"Initializing from {'the checkpoint in' if checkpoint.find(init_from) else 'Hugging Face weights:'} "
-              f"{init_from}")
-    try:  # a Hugging Face base loads straight into base_dtype; an out_dir's own adapters are merged
-        raw_model = checkpoint.load_base(base_spec, device)
-    except checkpoint.CheckpointError as e:
-        fail(str(e))
-    except (OSError, ValueError) as e:
-        fail(f"init_from={init_from!r}: {e}")
-    if planned.lora_rank:
-        raw_model.add_lora(**lora_settings())
-        if not save_base_weights:
-            base_ref = {**base_spec, 'fingerprint': checkpoint.fingerprint(raw_model)}
-if meta['vocab_size'] > raw_model.config.vocab_size:
-    fail(f"vocab mismatch: dataset {dataset!r} has {meta['vocab_size']} tokens, the model only "
-         f"{raw_model.config.vocab_size}")
-if block_size > raw_model.config.block_size:
-    fail(f"block_size {block_size} is longer than the model's block_size {raw_model.config.block_size}")
-prepare_for_training(raw_model).to(device)
+try:  # scratch, resume (checked against this config and dataset), or pretrained weights (+ LoRA adapters)
+    raw_model, start = checkpoint.init_model(config, meta, planned, device, verbose=master_process)
+except (checkpoint.CheckpointError, TokenizerError) as e:  # e.g. a resume that does not fit this config
+    fail(str(e))
+iter_num, best_val_loss, seed = start.iter_num, start.best_val_loss, start.seed  # seed: a resume's data and dropout
 
 # -----------------------------------------------------------------------------
 # optimizer(s)
@@ -511,7 +242,7 @@ def make_optimizers(m):
     if optimizer == 'adamw':
         return [m.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)]
     named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
-    hidden = [p for n, p in named if is_muon_param(n, p)]
+    hidden = [p for n, p in named if m.is_muon_param(n, p)]
     rest = [p for n, p in named if id(p) not in {id(q) for q in hidden}]
     muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn='match_rms_adamw')
     groups = [{'params': [p for p in rest if p.dim() >= 2], 'weight_decay': weight_decay},
@@ -522,27 +253,17 @@ def make_optimizers(m):
 
 optimizers = make_optimizers(raw_model)
 scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))  # a no-op unless float16
-if ckpt_info is not None:
-    trained_with = ckpt_info['train_config'].get('optimizer')
-    if trained_with != optimizer:
-        fail(f"the checkpoint in {out_dir} was trained with optimizer={trained_with!r}, this run asks "
-             f"{optimizer!r}: resume with the same optimizer")
+if start.info is not None:  # resume: the optimizer and scaler state the checkpoint holds
     try:
-        state = checkpoint.load_train_state(ckpt_info, device)
-        for opt, opt_state in zip(optimizers, state['optimizers'], strict=True):
-            opt.load_state_dict(opt_state)
-        scaler.load_state_dict(state['scaler'])
+        checkpoint.load_optimizers(start.info, out_dir, optimizer, optimizers, scaler, device)
     except checkpoint.CheckpointError as e:
         fail(str(e))
-    except (KeyError, ValueError, RuntimeError) as e:
-        fail(f"{ckpt_info['dir']}/{checkpoint.TRAIN_STATE} does not fit this model and optimizer ({e})")
-    state = None  # free up memory
 
 # compile the model, then wrap it for DDP; eval and checkpoints use the unwrapped modules
 eval_model = torch.compile(raw_model) if compile else raw_model
 train_model = DDP(eval_model, device_ids=[local_rank] if device_type == 'cuda' else None,
                   broadcast_buffers=False) if ddp else eval_model
-device_peak_flops(device, ptdtype)  # for MFU: measured (and cached) now on CPU, not inside a timed iteration
+devices.peak_flops(device, ptdtype)  # for MFU: measured (and cached) now on CPU, not inside a timed iteration
 
 # -----------------------------------------------------------------------------
 # evaluation, learning rate, logging, checkpoints
@@ -587,70 +308,24 @@ plot_path = os.path.join(out_dir, 'loss.png')
 plotter = None  # the child process drawing loss.png
 
 
-def read_history():
-    """Past records before iter_num (a resumed run redoes the rest); a line cut by a crash is skipped."""
-    records = []
-    if init_from == 'resume' and os.path.exists(history_path):
-        with open(history_path, encoding='utf-8') as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if record.get('iter', math.inf) < iter_num:
-                    records.append(record)
-    return records
-
-
 def log_record(record):
     history_file.write(json.dumps(record) + '\n')
 
 
-# loss.png (train and val loss against iteration) is drawn from history.jsonl by a short-lived child process:
-# matplotlib would add ~35 MB to this one, and the child draws while training goes on
-PLOT_SCRIPT = """
-import json, os, sys
-history_path, plot_path, title = sys.argv[1:]
-try:
-    import matplotlib
-except ImportError:
-    print('warning: matplotlib is not installed, so no loss.png: pip install matplotlib', file=sys.stderr)
-    sys.exit()
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt
-history = []
-for line in open(history_path, encoding='utf-8'):
-    try:
-        history.append(json.loads(line))
-    except ValueError:  # a line being written right now
-        pass
-train = [(r['iter'], r['loss']) for r in history if 'loss' in r]
-evals = [r for r in history if 'val_loss' in r]
-fig, ax = plt.subplots(figsize=(8, 5))
-if train:
-    ax.plot(*zip(*train), color='tab:blue', alpha=0.35, lw=1, label='train (batch)')
-ax.plot([r['iter'] for r in evals], [r['train_loss'] for r in evals], 'o-', color='tab:blue', label='train')
-ax.plot([r['iter'] for r in evals], [r['val_loss'] for r in evals], 'o-', color='tab:orange', label='val')
-ax.set(xlabel='iteration', ylabel='loss', title=title)
-ax.grid(alpha=0.3)
-ax.legend()
-fig.savefig(plot_path + '.tmp.png', dpi=100)
-os.replace(plot_path + '.tmp.png', plot_path)
-"""
-
-
 def plot_losses():
+    """loss.png, drawn from history.jsonl by lossplot.py in a short-lived child process: matplotlib would add
+    ~35 MB to this one, and the child draws while training goes on."""
     global plotter
     if plotter is not None:
         plotter.wait()  # the previous drawing: they would race for loss.png
     title = os.path.basename(os.path.abspath(out_dir))
-    plotter = subprocess.Popen([sys.executable, '-c', PLOT_SCRIPT, history_path, plot_path, title])
+    plotter = subprocess.Popen([sys.executable, os.path.join(REPO, 'lossplot.py'), history_path, plot_path, title])
 
 
 def save_checkpoint():
     print(f"saving checkpoint to {out_dir}")
-    info = dict(iter_num=iter_num, best_val_loss=best_val_loss if math.isfinite(best_val_loss) else None,
-                seed=seed, init_from=origin, train_config=config, **({'base': base_ref} if base_ref else {}))
+    info = dict(iter_num=iter_num, best_val_loss=best_val_loss if math.isfinite(best_val_loss) else None, seed=seed,
+                init_from=start.origin, train_config=config, **({'base': start.base_ref} if start.base_ref else {}))
     state = dict(optimizers=[opt.state_dict() for opt in optimizers], scaler=scaler.state_dict())
     try:
         checkpoint.save(out_dir, raw_model, info, meta, state)
@@ -680,8 +355,10 @@ def print_moe_stats():
           + ' '.join(f"{100 * s:.1f}" for s in share))
 
 
-if master_process:
-    checkpoint.write_text_atomic(history_path, ''.join(json.dumps(r) + '\n' for r in read_history()))
+if master_process:  # a resumed run keeps the records before iter_num and redoes the rest
+    resumed = init_from == 'resume' and os.path.exists(history_path)
+    past = lossplot.read_history(history_path, before=iter_num) if resumed else []
+    checkpoint.write_text_atomic(history_path, ''.join(json.dumps(r) + '\n' for r in past))
     history_file = open(history_path, 'a', encoding='utf-8', buffering=1)  # line-buffered: each record lands whole
 if wandb_log and master_process:
     try:

@@ -18,11 +18,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: configurator.py, tokenizer.py
 from configurator import apply_overrides  # noqa: E402
-from tokenizer import dtype_for_vocab, make_meta  # noqa: E402
+from tokenizer import TokenizerError, dtype_for_vocab, make_meta  # noqa: E402
 
 
 def fail(message):
     sys.exit(f"error: {message}")
+
+
+def run(main):
+    """A prepare.py's entry point: the tokenizer's errors (TokenizerError) are one-line errors too."""
+    try:
+        main()
+    except TokenizerError as e:
+        fail(str(e))
 
 
 def parse_args(script_file, **defaults):

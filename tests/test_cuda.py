@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, run_script
-from model import GPT, GPTConfig, attention, grouped_matmul, head_loss
+import engine
+from model import GPT, GPTConfig
+from ops import attention, grouped_matmul, head_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = "cuda"
@@ -116,7 +118,7 @@ def test_compiled_decode_step_matches_eager_on_cuda():
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=300)).to(CUDA).eval()
     prompt = torch.randint(300, (40,)).tolist()
     eager = [t[0] for t in model.generate_stream([prompt], 24, temperature=0)]
-    assert model.compile_decode()
+    assert engine.compile_decode(model)
     compiled = [t[0] for t in model.generate_stream([prompt], 24, temperature=0)]
     assert compiled == eager
 

@@ -1,8 +1,8 @@
-"""KV-cache generation (model.py's last section): greedy decoding token for token against transformers' generate on
+"""KV-cache generation (engine.py): greedy decoding token for token against transformers' generate on
 tiny random GPT-2 / Gemma 3 / GPT-OSS checkpoints whose prompts outrun the sliding window (the ring buffer wraps),
 cached against recomputed logits at every step, batches of ragged prompts against one-by-one runs, per-row stop
-tokens, seeded sampling, stop strings through tokenizer.stream_text, the decode layout, the sliding-window cache's
-flat size, and sample_next. fp32 on CPU, one thread (tiny models on busy cores run faster without thread handoffs)."""
+tokens, seeded sampling, stop strings through engine.TextStream, the decode layout, the sliding-window cache's
+flat size, and the sampler. fp32 on CPU, one thread (tiny models on busy cores run faster without thread handoffs)."""
 import copy
 import random
 import string
@@ -14,9 +14,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import model as model_module  # noqa: E402
-from model import GPT, GPTConfig, KVCache, sample_next  # noqa: E402
-from tokenizer import CharTokenizer, stream_text  # noqa: E402
+import engine  # noqa: E402
+import ops  # noqa: E402
+from engine import KVCache, Sampling, TextStream, sample  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from tokenizer import CharTokenizer  # noqa: E402
 
 FAMILIES = ["gpt2", "gemma3", "gpt_oss"]
 WINDOW = 8      # sliding window of the Gemma 3 / GPT-OSS checkpoints
@@ -109,6 +111,14 @@ def greedy(model, prompts, n, **kw):
     return [list(row) for row in zip(*steps)]
 
 
+def greedy_recomputed(model, prompt, n):
+    """n greedy tokens without a cache (nor the engine's decode layout): the whole sequence through forward."""
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(int(full_logits(model, tokens)[-1].argmax()))
+    return tokens[len(prompt):]
+
+
 def full_logits(model, tokens):
     with torch.no_grad():
         return model(torch.tensor([tokens]))[0][0]
@@ -152,18 +162,18 @@ def test_cached_logits_match_full_recompute(family, zoo):
     longest = max(lengths)
     # prefill, single steps through and past the window, then chunks: longer than the window, and shorter
     chunks = [longest] + [1] * 12 + [11, 1, 3] + [1] * 6 + [WINDOW, 1]
-    cache = KVCache(ours, len(rows), sum(chunks), torch.tensor([longest - n for n in lengths]))
+    cache = KVCache(ours, len(rows), sum(chunks))
     g = torch.Generator().manual_seed(3)
     worst, checks = 0.0, 0
     with torch.no_grad():
         for i, n in enumerate(chunks):
-            if i == 0:
-                idx = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
+            if i == 0:  # the prompts, right-aligned (left padding of 0, 7 and 15 columns)
+                cached = engine.prefill(ours, cache, rows, need=sum(chunks) - longest)
             else:
                 idx = torch.randint(0, VOCAB, (len(rows), n), generator=g)
                 for r, new in zip(rows, idx.tolist()):
                     r.extend(new)
-            cached = ours.forward_cached(idx, cache)
+                cached = engine.append(ours, cache, idx)
             for b, r in enumerate(rows):
                 worst = max(worst, (cached[b] - full_logits(ours, r)[-1]).abs().max().item())
                 checks += 1
@@ -237,19 +247,16 @@ CHARS = CharTokenizer(string.digits + string.ascii_letters + string.punctuation 
 
 
 def run_stream(model, prompt, n, decode, stop):
-    """(text, stream_text's return value, tokens generated) for one prompt streamed through stream_text."""
-    used = []
-
-    def tokens():
-        for step in model.generate_stream([prompt], n, temperature=0):
-            used.append(step[0])
-            yield step[0]
-    stream, pieces = stream_text(tokens(), decode, stop), []
-    while True:
-        try:
-            pieces.append(next(stream))
-        except StopIteration as end:
-            return "".join(pieces), end.value, used
+    """(text, why it ended: "stop" or "length", tokens generated) for one prompt streamed through TextStream;
+    generation ends at the token that completes a stop string."""
+    used, stream, pieces = [], TextStream(decode, stop), []
+    for step in model.generate_stream([prompt], n, temperature=0):
+        used.append(step[0])
+        text, hit = stream.push(step[0])
+        pieces.append(text)
+        if hit:
+            return "".join(pieces), "stop", used
+    return "".join(pieces) + stream.flush(), "length", used
 
 
 def stop_cases(tokens, decode):
@@ -313,19 +320,23 @@ def test_stop_strings_end_text_exactly(decoder, zoo):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decode_layout_keeps_logits_and_tokens(family, zoo):
-    ours = zoo(family)[1]
-    fast = copy.deepcopy(ours).use_decode_layout()
+    ours = copy.deepcopy(zoo(family)[1])
+    for p in ours.parameters():  # the default layout (generation on the CPU switches the zoo's models)
+        p.data = p.data.contiguous()
+    fast = ops.decode_layout(copy.deepcopy(ours))
     head = fast.lm_head.weight
     assert head.shape == ours.lm_head.weight.shape and head.stride() == (1, head.shape[0])
     idx = torch.tensor(prompts_of([PROMPT, PROMPT], seed=7))
     with torch.no_grad():
         assert (fast(idx)[0] - ours(idx)[0]).abs().max().item() < 1e-6
-        caches = [KVCache(m, 2, PROMPT + 2, torch.zeros(2, dtype=torch.long)) for m in (ours, fast)]
-        for step in (idx, idx[:, :1], idx[:, 1:2]):
-            a, b = (m.forward_cached(step, c) for m, c in zip((ours, fast), caches))
+        caches = [KVCache(m, 2, PROMPT + 2) for m in (ours, fast)]
+        a, b = (engine.prefill(m, c, idx.tolist(), need=2) for m, c in zip((ours, fast), caches))
+        assert (a - b).abs().max().item() < 1e-6
+        for step in (idx[:, :1], idx[:, 1:2]):
+            a, b = (engine.append(m, c, step) for m, c in zip((ours, fast), caches))
             assert (a - b).abs().max().item() < 1e-6
     prompts = prompts_of([PROMPT, 9], seed=7)
-    assert greedy(fast, prompts, 32) == greedy(ours, prompts, 32)
+    assert greedy(fast, prompts, 32) == [greedy_recomputed(ours, p, 32) for p in prompts]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -339,7 +350,7 @@ def test_sliding_cache_stays_window_sized(monkeypatch):
     for pattern in ("S", "SF"):
         net = GPT(GPTConfig(**base, attn_pattern=pattern))
         for max_len, batch in ((4000, 2), (WINDOW // 2, 1)):
-            cache = KVCache(net, batch, max_len, torch.zeros(batch, dtype=torch.long))
+            cache = KVCache(net, batch, max_len)
             for i, (k, v) in enumerate(zip(cache.k, cache.v)):
                 cols = min(WINDOW, max_len) if net.config.layer_kind(i) == "S" else max_len
                 assert k.shape == v.shape == (batch, 2, cols, 8)
@@ -348,11 +359,11 @@ def test_sliding_cache_stays_window_sized(monkeypatch):
     made = []
 
     class Recording(KVCache):
-        def __init__(self, *args):
-            super().__init__(*args)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
             self.ptrs = [k.data_ptr() for k in self.k]
             made.append(self)
-    monkeypatch.setattr(model_module, "KVCache", Recording)
+    monkeypatch.setattr(engine, "KVCache", Recording)
     steps = list(net.generate_stream(prompts_of([PROMPT]), 100, temperature=0))
     assert len(steps) == 100 and len(made) == 1
     cache = made[0]
@@ -364,37 +375,87 @@ def test_sliding_cache_stays_window_sized(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 8. sample_next
+# 8. the sampler
 
 
-def test_sample_next_greedy_limits():
+def draws(logits, temperature, top_k=None, top_p=None, seed=0, n=200):
+    """n tokens per row of logits from engine.sample, each step with fresh uniforms: (B, n)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [Sampling(temperature, top_k, top_p)] * logits.size(0)
+    return torch.tensor([sample(logits, rows, engine.uniforms(logits.size(0), g)) for _ in range(n)]).T
+
+
+def test_sampler_greedy_limits():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
     argmax = logits.argmax(-1, keepdim=True)
-    assert torch.equal(sample_next(logits, temperature=0), argmax)
-    assert torch.equal(sample_next(logits, 0, top_k=5, top_p=0.5), argmax)  # temperature 0 ignores the filters
+    assert torch.equal(draws(logits, 0, n=1), argmax)
+    assert torch.equal(draws(logits, 0, top_k=5, top_p=0.5, n=1), argmax)  # temperature 0 ignores the filters
     for seed in range(20):
-        g = torch.Generator().manual_seed(seed)
-        assert torch.equal(sample_next(logits, 1.0, top_k=1, generator=g), argmax)
-        assert torch.equal(sample_next(logits, 1.0, top_p=1e-6, generator=g), argmax)
-        assert torch.equal(sample_next(logits, 5.0, top_k=1, top_p=0.9, generator=g), argmax)
+        assert torch.equal(draws(logits, 1.0, top_k=1, seed=seed, n=1), argmax)
+        assert torch.equal(draws(logits, 1.0, top_p=1e-6, seed=seed, n=1), argmax)
+        assert torch.equal(draws(logits, 5.0, top_k=1, top_p=0.9, seed=seed, n=1), argmax)
 
 
-def test_sample_next_filters():
+def test_sampler_filters():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1)) * 3
-    g = torch.Generator().manual_seed(0)
-    draws = torch.cat([sample_next(logits, 1.0, top_k=5, generator=g) for _ in range(200)], dim=1)
+    top_k_draws = draws(logits, 1.0, top_k=5)
     top5 = logits.topk(5).indices
-    assert all(set(draws[b].tolist()) <= set(top5[b].tolist()) for b in range(4))
-    assert all(len(set(draws[b].tolist())) > 1 for b in range(4))
+    assert all(set(top_k_draws[b].tolist()) <= set(top5[b].tolist()) for b in range(4))
+    assert all(len(set(top_k_draws[b].tolist())) > 1 for b in range(4))
     # top_p keeps the smallest prefix of the sorted distribution whose mass reaches top_p
     probs = logits.softmax(-1)
     sorted_p, order = probs.sort(-1, descending=True)
     keep = (sorted_p.cumsum(-1) - sorted_p) < 0.6
-    draws = torch.cat([sample_next(logits, 1.0, top_p=0.6, generator=g) for _ in range(200)], dim=1)
+    top_p_draws = draws(logits, 1.0, top_p=0.6, seed=1)
     for b in range(4):
         nucleus = set(order[b][keep[b]].tolist())
-        assert set(draws[b].tolist()) <= nucleus
-    assert sample_next(logits, 0.7, generator=g).shape == (4, 1)
+        assert set(top_p_draws[b].tolist()) <= nucleus
+    assert draws(logits, 0.7, n=1).shape == (4, 1)
+
+
+def test_sampler_is_inverse_cdf_of_the_filtered_distribution():
+    """engine.sample against a float64 numpy reference of the documented rule: softmax(logits / T), top-k,
+    then the nucleus (drop tokens whose preceding mass exceeds top_p), the token where the CDF passes u * total,
+    u the row's own uniform; temperature 0 is argmax."""
+    import numpy as np
+    settings = [(0.8, None, None), (1.3, 5, None), (0.7, None, 0.6), (1.0, 20, 0.9), (0.0, None, None)]
+    rows = [Sampling(t, k, p) for t, k, p in settings]
+    for trial in range(20):
+        logits = torch.randn(len(rows), 300, generator=torch.Generator().manual_seed(trial)) * 3
+        expected = []
+        for i, (t, k, p) in enumerate(settings):
+            z = logits[i].double().numpy()
+            u = random.Random(f"{i}-{trial}").random()
+            if t == 0:
+                expected.append(int(z.argmax()))
+                continue
+            order = np.argsort(-z, kind="stable")
+            probs = np.exp((z[order] - z.max()) / t)
+            if k:
+                probs[k:] = 0.0
+            probs /= probs.sum()
+            if p is not None:
+                probs[np.cumsum(probs) - probs > p] = 0.0
+            cdf = np.cumsum(probs)
+            expected.append(int(order[np.searchsorted(cdf, u * cdf[-1], side="right")]))
+        u = torch.tensor([random.Random(f"{i}-{trial}").random() for i in range(len(rows))])
+        assert sample(logits, rows, u) == expected
+
+
+def test_logprobs_are_the_models_log_softmax():
+    """engine.logprobs against a float64 log-softmax: the chosen tokens' and the top-n alternatives', whatever the
+    sampling settings were (they are the model's distribution, as vLLM reports them)."""
+    g = torch.Generator().manual_seed(2)
+    for trial in range(10):
+        logits = torch.randn(3, 40, generator=g) * (trial + 1)
+        tokens = torch.randint(0, 40, (3,), generator=g).tolist()
+        chosen, (top_values, top_ids) = engine.logprobs(logits, tokens, top_n=5)
+        reference = torch.log_softmax(logits.double(), dim=-1)
+        assert torch.allclose(chosen.double(), reference[torch.arange(3), tokens], atol=1e-5)
+        ref_values, ref_ids = reference.topk(5, dim=-1)
+        assert torch.allclose(top_values.double(), ref_values, atol=1e-5) and torch.equal(top_ids, ref_ids)
+    chosen, (none_values, none_ids) = engine.logprobs(logits, tokens)
+    assert none_values is None and none_ids is None and chosen.shape == (3,)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -412,28 +473,11 @@ def test_compiled_decode_step_is_traced_once(family, zoo):
     fast = copy.deepcopy(ours)
     torch._dynamo.reset()
     counters.clear()
-    compiled = fast.compile_decode(backend="eager")
+    compiled = engine.compile_decode(fast, backend="eager")
     assert compiled == (family != "gpt_oss")
     if not compiled:
-        fast._compiled_step = fast.one_step  # what forward_cached calls for a decode step on a static cache
+        fast.compiled_decode = engine.forward  # what engine.append calls for a decode step on a static cache
     for lengths, n in (([PROMPT, 9], 24), ([5, PROMPT + 3], 30)):  # the ring wraps; the full columns differ
         prompts = prompts_of(lengths, seed=3)
         assert greedy(fast, prompts, n) == greedy(ours, prompts, n)
     assert counters["stats"]["unique_graphs"] == (1 if compiled else 0)
-
-
-@pytest.mark.parametrize("T, window", [(50, 1), (50, 3), (50, 7), (64, 16), (37, 10), (100, 33)])
-def test_banded_sliding_attention_equals_masked_softmax(T, window):
-    """model.attention's CPU path for sliding layers longer than their window (banded_attention: half-window
-    chunks against 1.5 windows of keys) against softmax over a dense masked score matrix, in float64, with
-    and without sinks; lengths that are not multiples of the chunk included."""
-    torch.manual_seed(T + window)
-    q, k, v = (torch.randn(2, 3, T, 8, dtype=torch.float64) for _ in range(3))
-    i, j = torch.arange(T).view(-1, 1), torch.arange(T).view(1, -1)
-    visible = (j <= i) & (j > i - window)
-    scores = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~visible, float("-inf"))
-    sinks = torch.randn(3, dtype=torch.float64)
-    with_sink = torch.cat([scores, sinks.view(1, 3, 1, 1).expand(2, 3, T, 1)], dim=-1).softmax(-1)[..., :-1]
-    for s, probs in ((None, scores.softmax(-1)), (sinks, with_sink)):
-        out = model_module.attention(q, k, v, None, 0.3, s, window=window)
-        assert (out - probs @ v).abs().max().item() < 1e-12

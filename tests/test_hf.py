@@ -142,8 +142,12 @@ def test_bf16_load_keeps_rope_in_float32(tmp_path):
     ref_model.save_pretrained(tmp_path / "hf")
     ours = GPT.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
-    assert ours.inv_freq_full.dtype == torch.float32
-    assert torch.equal(ours.inv_freq_full, GPT(ours.config).inv_freq_full)
+    fresh, idx = GPT(ours.config), torch.tensor([[1, 2, 3]])
+    with torch.no_grad():  # the RoPE tables are made at the first forward on a device, in float32
+        ours(idx), fresh(idx)
+    for kind, (inv_freq, _) in ours.rope_freqs[idx.device].items():
+        assert inv_freq.dtype == torch.float32
+        assert torch.equal(inv_freq, fresh.rope_freqs[idx.device][kind][0])
 
 
 # ----------------------------------------------------------------------------------------------------------------

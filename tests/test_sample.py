@@ -73,7 +73,6 @@ def test_seeded_sampling_is_reproducible(trained_char):
 def test_interactive_settings_without_restarting(trained_char):
     out = trained_char[0]
     model, _ = checkpoint.load_model(out)
-    model.use_decode_layout()  # as sample.py runs it on CPU
     tok = load_tokenizer(checkpoint.load_meta(checkpoint.read(out)))
     with torch.no_grad():
         greedy = tok.decode(model.generate(torch.tensor([tok.encode("ROMEO:\nWhat")]), 12, temperature=0)[0, 11:])

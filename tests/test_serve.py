@@ -27,6 +27,8 @@ import openai  # noqa: E402
 import tiktoken  # noqa: E402
 import torch  # noqa: E402
 
+import checkpoint  # noqa: E402
+from conftest import run_script  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 KEY = "test-key"
@@ -234,6 +236,27 @@ def test_sampling_seed_is_reproducible(client):
     assert [c.text for c in a.choices] == [c.text for c in b.choices]
     c = client.completions.create(seed=99, **kw)
     assert [x.text for x in c.choices] != [x.text for x in a.choices]
+
+
+def test_same_seed_same_tokens_in_serve_sample_and_generate(client, ckpt):
+    """One sampler: a seeded request to serve.py, sample.py with that --seed and GPT.generate with a generator of that
+    seed draw the same tokens (the same uniforms through engine.sample), for several settings."""
+    out_dir = ckpt.parent / "out-tiny"
+    model, _ = checkpoint.load_model(out_dir)
+    for seed, temperature, top_k, top_p in ((7, 0.8, 200, 1.0), (1234, 1.3, 0, 0.9), (2**40 + 5, 1.0, 20, 0.95)):
+        prompt = f"Seed {seed} says"
+        ids = ENC.encode(prompt)
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=temperature,
+                                      top_p=top_p, seed=seed, extra_body={"top_k": top_k})
+        result = run_script("sample.py", f"--out_dir={out_dir}", "--device=cpu", "--num_samples=1",
+                            f"--start={prompt}", "--max_new_tokens=16", f"--temperature={temperature}",
+                            f"--top_k={top_k}", f"--top_p={top_p}", f"--seed={seed}")
+        assert result.returncode == 0, result.stderr
+        sampled = result.stdout.split("\n[")[0].removeprefix(prompt)
+        generated = model.generate(torch.tensor([ids]), 16, temperature=temperature, top_k=top_k or None,
+                                   top_p=top_p, generator=torch.Generator().manual_seed(seed))[0, len(ids):]
+        assert r.choices[0].text == sampled == ENC.decode(generated.tolist()), (seed, temperature, top_k, top_p)
+        assert sampled != ENC.decode(model.generate(torch.tensor([ids]), 16, temperature=0)[0, len(ids):].tolist())
 
 
 def test_chat(client, reference):
@@ -485,40 +508,6 @@ def test_startup_errors_are_one_line_and_nonzero(ckpt, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------------
 # the throughput benchmark (not a test): python tests/test_serve.py bench
-
-
-def test_sample_rows_is_inverse_cdf_of_the_filtered_distribution():
-    """serve.sample_rows against a float64 numpy reference of the documented rule: softmax(logits / T), top-k,
-    then the nucleus (drop tokens whose preceding mass exceeds top_p), the token where the CDF passes u * total,
-    u the row's own seeded uniform; temperature 0 is argmax."""
-    import random
-    from types import SimpleNamespace
-    import numpy as np
-    import serve
-    settings = [(0.8, None, None), (1.3, 5, None), (0.7, None, 0.6), (1.0, 20, 0.9), (0.0, None, None)]
-    rows = [SimpleNamespace(temperature=t, top_k=k, top_p=p, rng=None) for t, k, p in settings]
-    for trial in range(20):
-        logits = torch.randn(len(rows), 300, generator=torch.Generator().manual_seed(trial)) * 3
-        expected = []
-        for i, (t, k, p) in enumerate(settings):
-            z = logits[i].double().numpy()
-            u = random.Random(f"{i}-{trial}").random()
-            if t == 0:
-                expected.append(int(z.argmax()))
-                continue
-            order = np.argsort(-z, kind="stable")
-            probs = np.exp((z[order] - z.max()) / t)
-            if k:
-                probs[k:] = 0.0
-            probs /= probs.sum()
-            if p is not None:
-                probs[np.cumsum(probs) - probs > p] = 0.0
-            cdf = np.cumsum(probs)
-            expected.append(int(order[np.searchsorted(cdf, u * cdf[-1], side="right")]))
-        for i, row in enumerate(rows):
-            row.rng = random.Random(f"{i}-{trial}")
-        assert serve.sample_rows(logits, rows, random.Random(0)) == expected
-
 
 
 def bench(clients=8, max_tokens=64, n_layer=6, n_embd=384, n_head=6, rounds=5, threads=0):

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data/common.py (it adds the repo root)
-from common import fail, parse_args, write_bin  # noqa: E402
+from common import fail, parse_args, run, write_bin  # noqa: E402
 from tokenizer import (CHAT_FORMATS, CharTokenizer, check_messages, default_chat_format,  # noqa: E402
                        load_tokenizer, make_meta, render_chat)
 
@@ -188,4 +188,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -18,13 +18,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data/common.py (it adds the repo root)
-from common import fail, parse_args, read_documents, tokenize_documents, write_bin, write_dataset, write_meta  # noqa: E402
-from tokenizer import dtype_for_vocab, load_tokenizer  # noqa: E402
+from common import fail, parse_args, read_documents, run, tokenize_documents, write_bin, write_dataset, write_meta  # noqa: E402
+from tokenizer import TokenizerError, dtype_for_vocab, load_tokenizer  # noqa: E402
 
 VAL_FRACTION = 0.0005
 SEED = 2357
 
-tok = load_tokenizer({"tokenizer": "gpt2"})  # module level, so the dataset.map workers have it
+try:
+    tok = load_tokenizer({"tokenizer": "gpt2"})  # module level, so the dataset.map workers have it
+except TokenizerError as e:
+    fail(str(e))
 
 
 def process(example):
@@ -77,4 +80,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data/common.py (it adds the repo root)
-from common import fail, parse_args, read_documents, tokenize_documents, write_dataset  # noqa: E402
+from common import fail, parse_args, read_documents, run, tokenize_documents, write_dataset  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 TEST_START = 81000  # the recipe takes its test documents far from train and val
@@ -78,4 +78,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

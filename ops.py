@@ -1,0 +1,253 @@
+"""
+Speed-only paths: each computes exactly what a plain reference computes (written in its docstring, and checked
+against it in tests/test_ops.py), only faster or in less memory. model.py's architecture calls them; nothing here
+changes what a model means.
+
+- attention: PyTorch's fused scaled_dot_product_attention; attention sinks as an extra zero key whose score is
+  the sink logit; sliding windows on CPU as banded_attention (work T * window, not T^2).
+    reference: softmax over [q.k * scale for the visible keys] + [sink], masked, dotted with v.
+- grouped_matmul: the mixture-of-experts matmuls, one grouped GEMM on CUDA in bf16.
+    reference: a loop over experts, torch.cat([x_e @ w[e] + b[e] for e]).
+- head_loss: the vocabulary head and cross-entropy a chunk of rows at a time, gradients in the same pass.
+    reference: F.cross_entropy(x @ weight.T, targets, ignore_index=-1).
+- decode_layout / BatchedHead: weight layouts that suit one-token matmuls on CPU.
+    reference: the same nn.Linear with contiguous weights.
+"""
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# attention
+
+@functools.lru_cache(maxsize=16)
+def sliding_window_mask(T, window, device):
+    """Boolean (T, T) mask, True where query i may see key j: i - window < j <= i. Built once per length."""
+    i = torch.arange(T, device=device).unsqueeze(1)
+    j = torch.arange(T, device=device).unsqueeze(0)
+    return (j <= i) & (j > i - window)
+
+
+@functools.lru_cache(maxsize=16)
+def causal_mask(T, device):
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
+@functools.lru_cache(maxsize=16)
+def band_mask(n_chunks, chunk, before, window, device):
+    """(n, c, before + c) mask for banded_attention: query r of chunk i (position i*c + r) sees key j of its
+    band (position i*c - before + j) iff that key is at most window - 1 positions back, and not before 0."""
+    r = torch.arange(chunk, device=device).view(chunk, 1)
+    j = torch.arange(before + chunk, device=device).view(1, -1)
+    back = r + before - j  # how many positions the key lies behind the query
+    starts = torch.arange(n_chunks, device=device).view(-1, 1, 1) * chunk - before
+    return (back >= 0) & (back < window) & (starts + j >= 0)
+
+
+def band_layout(window):
+    """banded_attention's query chunk (half a window) and the keys before a chunk that its queries may see
+    (whole chunks); each query is scored against before + chunk keys."""
+    chunk = max(1, window // 2)
+    return chunk, -(-(window - 1) // chunk) * chunk
+
+
+def banded_attention(q, k, v, window, scale, sinks=None, dropout=0.0):
+    """Sliding-window attention for sequences longer than the window, on CPU: queries in chunks of half a
+    window are scored only against the keys of their own chunk and the two before it (1.5 windows), so the
+    work grows as T * window rather than T^2 (a masked fused kernel would still visit every block; whole-window
+    chunks would score 2 windows per query). q, k, v: (B, H, T, D), same heads."""
+    B, H, T, D = q.shape
+    c, before = band_layout(window)
+    n = -(-T // c)
+    q, k, v = (F.pad(t, (0, 0, 0, n * c - T)) for t in (q, k, v))  # whole chunks
+    k, v = (F.pad(t, (0, 0, before, 0)) for t in (k, v))  # empty chunks before the first
+    k_band = k.unfold(2, before + c, c).transpose(-1, -2)  # (B, H, n, before + c, D)
+    v_band = v.unfold(2, before + c, c).transpose(-1, -2)
+    scores = (q.view(B, H, n, c, D) @ k_band.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~band_mask(n, c, before, window, q.device), float("-inf"))
+    if sinks is not None:  # the sink logit joins each row's softmax, then leaves with no value
+        sink_col = sinks.to(scores.dtype).view(1, H, 1, 1, 1).expand(B, H, n, c, 1)
+        probs = torch.cat([scores, sink_col], dim=-1).softmax(dim=-1)[..., :-1]
+    else:
+        probs = scores.softmax(dim=-1)
+    probs = F.dropout(probs, dropout) if dropout else probs
+    return (probs @ v_band).view(B, H, n * c, D)[:, :, :T]
+
+
+def attention(q, k, v, mask, scale, sinks=None, dropout=0.0, window=0):
+    """Scaled dot-product attention. q: (B, H, T, D); k, v: (B, Hkv, S, D).
+
+    mask: None for causal attention (T == S), optionally within a sliding `window`; else a boolean (T, S) or
+    (B, 1, T, S) "may attend" mask. Sliding layers longer than their window use banded_attention on CPU and a
+    cached boolean mask on the fused SDPA kernels elsewhere; a window that covers the sequence is plain causal.
+    sinks (H,): each row's softmax also gets exp(sink_h) in its denominator. SDPA gets a key of zeros whose
+    score is set through an additive mask to sink_h, and a value of zeros, so it computes exactly that.
+    """
+    T = q.size(-2)
+    if k.size(1) != q.size(1):  # grouped-query attention: share each KV head across its group of query heads
+        rep = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if window and T > window and mask is None:
+        if q.device.type == "cpu":
+            return banded_attention(q, k, v, window, scale, sinks, dropout)
+        mask = sliding_window_mask(T, window, q.device)
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                              scale=scale)
+    S = k.size(-2)
+    if mask is None:
+        mask = causal_mask(T, q.device)
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    bias = bias.view(1, 1, T, S) if bias.dim() == 2 else bias  # (1 or B, 1, T, S)
+    sink_col = sinks.to(q.dtype).view(1, -1, 1, 1).expand(bias.size(0), -1, T, 1)
+    bias = torch.cat([bias.expand(-1, q.size(1), -1, -1), sink_col], dim=-1)  # (B', H, T, S + 1)
+    zero = q.new_zeros(q.size(0), q.size(1), 1, q.size(-1))
+    k, v = torch.cat([k, zero], dim=-2), torch.cat([v, zero], dim=-2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
+
+
+def compute_dtype(t):
+    """The dtype matmuls on t run in: autocast's when it is on for t's device, else t's own."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
+def grouped_matmul(x, w, counts, bias=None):
+    """Rows of x are grouped by expert (counts[e] rows for expert e); returns each group @ w[e] (+ bias[e]).
+
+    On CUDA in bf16 (bf16 tensors, or float32 ones under bf16 autocast, as train.py runs) this is one grouped
+    GEMM (whose strides must be multiples of 16 bytes: a LoRA rank of 4 takes the loop); elsewhere one matmul per
+    expert over its own rows, with the bias added inside addmm (gathering a [rows, out] bias tensor would cost as
+    much memory traffic as the matmul).
+    """
+    dtype = compute_dtype(x)
+    aligned = x.size(-1) % 8 == 0 and w.size(-1) % 8 == 0
+    if x.is_cuda and dtype == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm"):
+        y = torch._grouped_mm(x.to(dtype), w.to(dtype), offs=counts.cumsum(0).to(torch.int32))
+        if bias is not None:
+            y = y + bias.to(y.dtype).repeat_interleave(counts, dim=0, output_size=x.size(0))
+        return y
+    groups, ws = x.split(counts.tolist()), w.unbind(0)
+    if bias is None:
+        return torch.cat([g @ ws[e] for e, g in enumerate(groups)])
+    bs = bias.unbind(0)
+    return torch.cat([torch.addmm(bs[e], g, ws[e]) for e, g in enumerate(groups)])
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of the head's logits x @ weight.T (softcapped if softcap) against targets (-1: ignored),
+    a chunk of rows at a time, so the (tokens, vocab) logits never exist whole: for gpt-oss's 201,088-token vocab
+    and 8,192 tokens they are 6.6 GB in float32, with their gradient twice that. The gradients are computed chunk by
+    chunk in the forward pass (softmax - one-hot, the same three matmuls as the plain head) and saved for backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, softcap, chunk, grads):
+        dtype = compute_dtype(x)
+        acc = torch.promote_types(dtype, torch.float32)  # the loss, the softmax and grad_w: float32 at least
+        w = weight.to(dtype)
+        n = (targets != -1).sum().clamp(min=1)
+        total = torch.zeros((), dtype=acc, device=x.device)
+        want_x, want_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(x) if want_x else None
+        grad_w = None  # the first chunk's product, then each chunk's added in place (no zero-filled start)
+        for i in range(0, x.size(0), chunk):
+            xc, tc = x[i:i + chunk].to(dtype), targets[i:i + chunk]
+            logits = F.linear(xc, w).to(acc)
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            valid = (tc != -1).unsqueeze(1)
+            picked = logits.gather(1, tc.clamp(min=0).unsqueeze(1))
+            total += ((lse - picked) * valid).sum()
+            if not (want_x or want_w):
+                continue
+            g = logits.sub_(lse).exp_()  # softmax, in place of the logits
+            g.scatter_add_(1, tc.clamp(min=0).unsqueeze(1), -valid.to(g.dtype))
+            g.mul_(valid.to(acc) / n)
+            if softcap:
+                g.mul_(1 - capped * capped)
+            g = g.to(dtype)
+            if want_x:
+                grad_x[i:i + chunk] = g @ w
+            if want_w and grad_w is None:
+                grad_w = (g.t() @ xc).to(acc)
+            elif want_w and dtype == acc:
+                grad_w.addmm_(g.t(), xc)
+            elif want_w:
+                grad_w.add_(g.t() @ xc)
+            del logits, g  # before the next chunk's are made: one chunk's buffers at a time
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total / n
+
+    @staticmethod
+    @once_differentiable  # the gradients are numbers computed in forward: no graph to differentiate again
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors  # scaled in place: new (vocab, C) buffers cost page faults, not just time
+        grad_x = grad_x.mul_(grad_loss) if grad_x is not None else None
+        grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        return grad_x, grad_w, None, None, None, None
+
+
+def head_loss_rows(vocab_size, chunk_bytes=2**28, min_rows=1024):
+    """head_loss's chunk: about chunk_bytes of float32 logits but at least min_rows rows, since each chunk adds
+    its part of the weight's gradient to the whole (vocab, C) matrix, which must cost little next to the chunk's
+    matmuls."""
+    return max(min_rows, chunk_bytes // (4 * vocab_size))
+
+
+def head_loss(x, weight, targets, softcap=0.0, chunk_bytes=2**28, min_rows=1024):
+    """ChunkedHeadLoss of x (..., C) in chunks of head_loss_rows rows."""
+    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    chunk = head_loss_rows(weight.size(0), chunk_bytes, min_rows)
+    return ChunkedHeadLoss.apply(x, weight, targets, softcap, chunk, torch.is_grad_enabled())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decoding on CPU: weight layouts for one-token matmuls
+
+
+@torch.no_grad()
+def decode_layout(model):
+    """Store the weights of the Linears that widen (out > in: c_attn, c_fc, the vocabulary head) transposed
+    in memory: same shapes and values, strides (1, out). On CPU MKL's matrix-vector product for one token
+    streams such a weight faster that way (about 2x for the head); for the square and narrowing ones the
+    default layout is as fast or faster. The engine applies it to models it decodes on the CPU; training keeps
+    the default layout (checkpoint.save writes either)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.weight.is_contiguous() and m.out_features > m.in_features:
+            m.weight.data = m.weight.data.t().contiguous().t()
+    return model
+
+
+class BatchedHead(torch.nn.Module):
+    """The output head for batched decoding on CPU, where it is most of a step's work (V x C, V ~ 50k-260k).
+    MKL's matmul packs the big operand when several rows come at once, so x @ W.T costs about as much for
+    8 rows as a pass over W does 3 times over; W @ x.T on a row-major W streams it once. One row is fastest on
+    the transposed copy that decode_layout makes. So this head keeps both layouts (one extra copy of
+    the head matrix) and picks per call; the values are the same. From 4 rows on, MKL's matmul packs the
+    whole (V, C) matrix, a pass through memory of its own: blocks of 256 vocabulary rows (in L2 cache) make
+    that packing cheap, 8 rows then cost ~2 passes over W instead of ~3."""
+
+    def __init__(self, lm_head):
+        super().__init__()
+        self.weight, self.bias = lm_head.weight, lm_head.bias  # whatever layout; tied embeddings stay tied
+        w = lm_head.weight.detach()  # each layout below is a view of w when w already has it, else a copy
+        self.register_buffer("rows", w if w.is_contiguous() else w.contiguous(), persistent=False)  # (V, C)
+        self.register_buffer("cols", w.t() if w.t().is_contiguous() else w.t().contiguous(), persistent=False)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.size(-1))
+        if flat.size(0) == 1:
+            y = flat @ self.cols
+        elif flat.size(0) < 4:  # MKL streams W once for up to 3 rows
+            y = flat @ self.rows.t()
+        else:
+            y = torch.cat([flat @ block.t() for block in self.rows.split(256)], dim=1)
+        y = y if self.bias is None else y + self.bias
+        return y.reshape(*x.shape[:-1], y.size(-1))
