@@ -29,6 +29,7 @@ import ast
 import copy
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -47,7 +48,7 @@ from ops import attention, band_layout
 
 # -----------------------------------------------------------------------------
 # default config values
-mode = 'train'          # train | sliding | moe | decode | kvmemory
+mode = 'train'          # train | sliding | moe | decode | kvmemory | eval
 model = ''              # a GPTConfig preset (GPTConfig.presets()); '' = the mode's default
 n_layer = 0             # 0 = the mode's default (else the preset's value)
 n_head = 0
@@ -75,6 +76,9 @@ oss_model = 'gpt-oss-compact'  # decode mode's GPT-OSS model (1.44B parameters, 
 memory_lengths = (1000, 2000, 4000)  # decode mode: generation lengths of the kvmemory runs
 gen_tokens = 4000       # kvmemory mode: tokens to generate
 profile = False         # decode mode: torch.profiler table of the gpt2 decode step
+# eval mode
+eval_docs = 24          # documents per task shape (a multiple-choice one: 4 endings each; a single-continuation one)
+eval_batch = 16         # rows per forward for both contenders
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_')
                and isinstance(v, (int, float, bool, str, tuple, list, type(None)))]
@@ -93,6 +97,7 @@ MODE_DEFAULTS = {
                 warmup=2, repeats=7,
                 model_args='n_kv_head=2,head_dim=64,mlp_hidden=256,n_expert=8,n_expert_active=2,sliding_window=128'),
     'decode': dict(model='gpt2', warmup=1, repeats=2),
+    'eval': dict(model='gpt2', warmup=1, repeats=3),
     # a small Gemma 3 (5 sliding layers of window 512, 1 full; 4 KV heads of 256) built for 4096+ tokens
     'kvmemory': dict(model='gemma3-compact', n_layer=6, n_embd=256, batch_size=1,
                      model_args='n_kv_head=4,mlp_hidden=1024'),
@@ -699,5 +704,59 @@ def bench_kvmemory():
             f"{peak_rss_mb():.0f}", f"{gen_tokens / dt:.0f}"]])
 
 
+# -----------------------------------------------------------------------------
+# mode=eval: loglikelihood requests per second, eval.py vs lm-evaluation-harness's hf backend
+
+def eval_requests(shape, rng):
+    """lm-eval loglikelihood Instances: 'choice' (hellaswag-shaped: a ~80-token context, 4 endings of ~20 tokens)
+    or 'single' (lambada-shaped: one ~80-token passage, its last word)."""
+    from lm_eval.api.instance import Instance
+    words = ("the king queen land far away said all men must go to sea bring back gold silver bread wine love war "
+             "peace night day sun moon star river stone and of in his her my thy lord good sweet death life").split()
+    text = lambda n: ' '.join(rng.choice(words) for _ in range(n))  # noqa: E731
+    out = []
+    for _ in range(eval_docs):
+        context = text(60)
+        endings = [' ' + text(15) for _ in range(4)] if shape == 'choice' else [' ' + text(1)]
+        out += [Instance('loglikelihood', {}, (context, e), i) for i, e in enumerate(endings)]
+    return out
+
+
+def bench_eval():
+    from lm_eval.models.huggingface import HFLM
+    from eval import make_lm_class
+    from tokenizer import hf_tokenizer_files, load_tokenizer
+    tok = load_tokenizer({'tokenizer': 'gpt2'})
+    net = GPT(make_config()).to(device).eval()
+    with tempfile.TemporaryDirectory() as tmp:  # transformers' model and tokenizer from the same weights and vocab
+        net.save_pretrained(tmp)
+        for name, text in hf_tokenizer_files(tok).items():
+            with open(os.path.join(tmp, name), 'w', encoding='utf-8') as f:
+                f.write(text)
+        theirs = HFLM(pretrained=tmp, device=device, dtype='float32', batch_size=eval_batch)
+    ours = make_lm_class()(net, tok, batch_size=eval_batch)
+    rng, rows = random.Random(seed), []
+    for shape in ('choice', 'single'):
+        requests, out = eval_requests(shape, rng), {}
+        runs = {'eval.py': lambda r=requests: out.__setitem__('ours', ours.loglikelihood(r, disable_tqdm=True)),
+                'lm-eval hf backend': lambda r=requests: out.__setitem__('hf', theirs.loglikelihood(r, disable_tqdm=True))}
+        times = interleaved(runs, repeats, warmup)
+        worst = max(abs(a[0] - b[0]) for a, b in zip(out['ours'], out['hf']))
+        same_greedy = all(a[1] == b[1] for a, b in zip(out['ours'], out['hf']))
+        rate = {name: len(requests) / med(ts) for name, ts in times.items()}
+        rows.append([shape, len(requests), f"{rate['eval.py'] / rate['lm-eval hf backend']:.2f}x",
+                     f"{rate['eval.py']:.1f}", f"{rate['lm-eval hf backend']:.1f}",
+                     f"{spread(times['eval.py'])} / {spread(times['lm-eval hf backend'])} ms", f"{worst:.1e}",
+                     same_greedy])
+    header(f"loglikelihood requests per second, {model} ({net.num_params() / 1e6:.1f}M parameters, random weights), "
+           f"{dtype}")
+    print(f"requests: {eval_docs} documents per shape; choice = 4 endings of 15 words after a 60-word context "
+          f"(hellaswag-shaped), single = one word after 60 (lambada-shaped); both contenders get the same Instances, "
+          f"{eval_batch} rows per forward; lm-eval's hf backend: HFLM({type(theirs.model).__name__}); "
+          f"{warmup} warmup + {repeats} interleaved repeats, medians; load average {os.getloadavg()[0]:.1f} at the end\n")
+    table(['task shape', 'requests', 'eval.py vs hf backend (target >= 1.5x)', 'eval.py req/s', 'hf backend req/s',
+           'range (ours / theirs)', 'max |loglik diff|', 'same greedy'], rows)
+
+
 {'train': bench_train, 'sliding': bench_sliding, 'moe': bench_moe, 'decode': bench_decode,
- 'kvmemory': bench_kvmemory}[mode]()
+ 'kvmemory': bench_kvmemory, 'eval': bench_eval}[mode]()

@@ -11,8 +11,12 @@ The one device and dtype policy, used by every script (train, sample, serve, ben
 Also here: the peak FLOP/s of a device, which MFU is measured against.
 """
 import functools
+import json
+import os
+import platform
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -90,16 +94,49 @@ GPU_PEAK_FLOPS = {
 }
 
 
+PEAK_CACHE = Path(os.environ.get("NANOFORGE_CACHE", Path.home() / ".cache" / "nanoforge")) / "peak_flops.json"
+
+
 @functools.lru_cache(maxsize=None)
 def peak_flops(device="cpu", dtype=torch.float32):
-    """Peak FLOP/s: a table for known GPUs; on CPU (or an unknown GPU) a measured matmul peak."""
+    """Peak FLOP/s: a table for known GPUs; on CPU (or an unknown GPU) the best matmul rate ever measured on this
+    host (CPU model, cores, dtype), kept in PEAK_CACHE: a measurement taken while the host is busy reads low, and
+    an MFU against it would read high, so the cache only ever keeps the highest."""
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peaks in GPU_PEAK_FLOPS.items():
             if key in name and dtype in peaks:
                 return peaks[dtype]
-    return measure_matmul_flops(device, dtype)
+    key = f"{host_name(device)} x{torch.get_num_threads()} threads {str(dtype).removeprefix('torch.')}"
+    try:
+        cache = json.loads(PEAK_CACHE.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    best = max(measure_matmul_flops(device, dtype), float(cache.get(key, 0.0)))
+    if best > cache.get(key, 0.0):
+        try:  # a cache: a read-only home only costs the next run a fresh measurement
+            PEAK_CACHE.parent.mkdir(parents=True, exist_ok=True)
+            tmp = PEAK_CACHE.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**cache, key: best}, indent=1))
+            os.replace(tmp, PEAK_CACHE)
+        except OSError:
+            pass
+    return best
+
+
+def host_name(device):
+    """The processor's name: the GPU's, or the CPU model from /proc/cpuinfo (platform's elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def measure_matmul_flops(device, dtype, n=1024, reps=20):  # best of 20: a busy machine still shows its peak

@@ -318,6 +318,121 @@ def logprobs(logits, tokens, top_n=0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# scoring: log-probabilities of given tokens (evaluation, the server's echo)
+
+
+class PackedRows:
+    """Attention masks for rows that each pack one context and several continuations of it: every continuation
+    sees the context and its own earlier tokens, with positions that go on from the context, so a multiple-choice
+    question costs one pass over its context. Stands where a KVCache goes (the attention layers call update) but
+    keeps nothing. segments: (B, T) 0 for context tokens, i > 0 for continuation i, -1 for padding."""
+
+    def __init__(self, model, pos, segments):
+        cfg = model.config
+        self.sliding = [cfg.layer_kind(i) == "S" for i in range(cfg.n_layer)]
+        pq, pk = pos.unsqueeze(2), pos.unsqueeze(1)  # (B, T, 1), (B, 1, T)
+        sq, sk = segments.unsqueeze(2), segments.unsqueeze(1)
+        same = ((sk == sq) | (sk == 0)) & (sk >= 0) & (pk <= pq)
+        self_only = torch.eye(pos.size(1), dtype=torch.bool, device=pos.device)  # padding sees itself: finite
+        self.full_mask = (same | self_only).unsqueeze(1)
+        window = cfg.sliding_window
+        self.sliding_mask = ((same & (pq - pk < window)) | self_only).unsqueeze(1) if window else self.full_mask
+
+    def update(self, layer, k, v):
+        return k, v, self.sliding_mask if self.sliding[layer] else self.full_mask
+
+
+@dataclass
+class Scored:
+    """A continuation's log-probabilities under the model, token by token: logprobs[i] of its token i, greedy[i]
+    whether that token was the model's argmax, top[i] the top_n alternatives as (token id, log-probability)."""
+    logprobs: list
+    greedy: list
+    top: list
+
+
+def _pack(requests, max_tokens):
+    """Rows of (context, [(request index, continuation), ...]): requests with the same context share a row while
+    its packed length (the context plus each continuation but its last token) stays within max_tokens."""
+    by_context = {}
+    for i, (context, continuation) in enumerate(requests):
+        by_context.setdefault(tuple(context), []).append((i, list(continuation)))
+    rows = []
+    for context, items in by_context.items():
+        row, length = [], len(context)
+        for i, continuation in items:
+            extra = len(continuation) - 1
+            if row and length + extra > max_tokens:
+                rows.append((list(context), row))
+                row, length = [], len(context)
+            row.append((i, continuation))
+            length += extra
+        rows.append((list(context), row))
+    return rows
+
+
+@torch.no_grad()
+def score(model, requests, top_n=0, batch_rows=16, batch_tokens=16384):
+    """Log-probabilities of each request's continuation tokens given its context ((context ids, continuation ids)
+    pairs, context non-empty, len(context) + len(continuation) - 1 <= block_size): one Scored per request.
+    Requests that share a context share its computation (PackedRows); rows are batched by length (up to batch_rows
+    rows and batch_tokens tokens a forward), and the head runs only at the positions that predict a continuation
+    token."""
+    block = model.config.block_size
+    for context, continuation in requests:
+        if not context or not continuation or len(context) + len(continuation) - 1 > block:
+            raise ValueError(f"score needs a context and a continuation of at most {block} tokens together, got "
+                             f"{len(context)} + {len(continuation)}")
+    device = model.lm_head.weight.device
+    rows = sorted(_pack(requests, max(block, 512)), key=lambda r: len(r[0]) + sum(len(c) - 1 for _, c in r[1]))
+    out = [None] * len(requests)
+    while rows:
+        T = len(rows[-1][0]) + sum(len(c) - 1 for _, c in rows[-1][1])
+        batch = [rows.pop()]  # the longest first; then as many of the next as fit batch_tokens at that length
+        while rows and len(batch) < batch_rows and (len(batch) + 1) * T <= batch_tokens:
+            batch.append(rows.pop())
+        _score_rows(model, batch, T, top_n, device, out)
+    return out
+
+
+def _score_rows(model, rows, T, top_n, device, out):
+    B = len(rows)
+    idx = torch.zeros(B, T, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    segments = torch.full((B, T), -1, dtype=torch.long)
+    where, targets, owners = [], [], []  # (row, column) of each predicting position, its target, (request, i)
+    for b, (context, items) in enumerate(rows):
+        c = len(context)
+        idx[b, :c], pos[b, :c], segments[b, :c] = torch.tensor(context), torch.arange(c), 0
+        col = c
+        for seg, (i, continuation) in enumerate(items, 1):
+            body = continuation[:-1]  # the inputs; each predicts the next continuation token
+            n = len(body)
+            idx[b, col:col + n] = torch.tensor(body, dtype=torch.long)
+            pos[b, col:col + n], segments[b, col:col + n] = torch.arange(c, c + n), seg
+            cols = [c - 1] + list(range(col, col + n))
+            where += [(b, k) for k in cols]
+            targets += continuation
+            owners += [(i, j) for j in range(len(continuation))]
+            col += n
+    idx, pos, segments = idx.to(device), pos.to(device), segments.to(device)
+    x, _ = model.hidden_states(idx, pos, PackedRows(model, pos, segments))
+    rows_idx, cols_idx = torch.tensor(where, device=device).T
+    logp = F.log_softmax(model.head(x[rows_idx, cols_idx]).float(), dim=-1)
+    targets = torch.tensor(targets, device=device)
+    chosen = logp.gather(1, targets.unsqueeze(1))[:, 0].tolist()
+    greedy = (logp.argmax(dim=-1) == targets).tolist()
+    top = logp.topk(top_n, dim=-1) if top_n else None
+    top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if top_n else (None, None)
+    for k, (i, j) in enumerate(owners):
+        if out[i] is None:
+            out[i] = Scored([], [], [])
+        out[i].logprobs.append(chosen[k])
+        out[i].greedy.append(greedy[k])
+        out[i].top.append(list(zip(top_ids[k], top_values[k])) if top_n else [])
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # generation for one batch of prompts (GPT.generate, sample.py)
 
 

@@ -10,7 +10,10 @@ Merged (the default): LoRA adapters, if the run has any, are folded into their w
 weights are rounded once, to `dtype` (bfloat16 by default) as they are written. hf.save_pretrained writes
 config.json and model.safetensors, or model-0000i-of-0000N.safetensors shards and model.safetensors.index.json
 when the weights pass max_shard_gb. Tokenizer files (tokenizer.json, chat_template.jinja, ...) are copied from
-the Hugging Face model the run started from, when it has them; vLLM needs them (or --tokenizer).
+the Hugging Face model the run started from, when it has them; otherwise (runs from scratch or from another
+out_dir or export) ours are written from the run's meta.json (tokenizer.hf_tokenizer_files): tokenizer.json,
+tokenizer_config.json with the chat template of the run's chat_format, and generation_config.json with the ids
+that end generation. AutoTokenizer, lm-eval's hf backend and vLLM then encode text to exactly our ids.
 
 --adapter_only=True: only the adapters, in PEFT's layout: adapter_config.json and adapter_model.safetensors,
 for peft.PeftModel.from_pretrained(<transformers model of the same base>, export_dir). Our fused weights split
@@ -39,7 +42,7 @@ import devices
 import hf
 from configurator import apply_overrides
 from model import GPT
-from tokenizer import TokenizerError
+from tokenizer import TokenizerError, hf_tokenizer_files, load_tokenizer
 
 DEFAULTS = dict(
     out_dir='out',         # the train.py run to export (its out_dir, or a checkpoint directory)
@@ -98,24 +101,34 @@ def export_merged(model, meta, origin, export_dir, dtype, max_shard_bytes):
     model.save_pretrained(export_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
     (Path(export_dir) / checkpoint.META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + '\n',
                                                      encoding='utf-8')
-    copied = copy_tokenizer_files(origin, export_dir)
-    if not copied:
-        print(f"note: no Hugging Face tokenizer files to copy (the run started from {origin!r}): give vLLM "
-              f"--tokenizer, or copy them into {export_dir}")
+    if not copy_tokenizer_files(origin, export_dir):
+        try:
+            write_tokenizer_files(meta, export_dir, model.config.block_size)
+        except TokenizerError as e:  # e.g. offline without a tiktoken cache: the weights are still useful
+            print(f"note: no Hugging Face tokenizer files written ({e}): give vLLM --tokenizer")
     return sorted(os.listdir(export_dir))
+
+
+def write_tokenizer_files(meta, export_dir, model_max_length):
+    """Our tokenizer (the one meta.json names) and chat template in Hugging Face's files."""
+    files = hf_tokenizer_files(load_tokenizer(meta), meta.get('chat_format'), model_max_length)
+    for name, text in files.items():
+        (Path(export_dir) / name).write_text(text, encoding='utf-8')
 
 
 def copy_tokenizer_files(origin, export_dir):
     """Copy the tokenizer files of the Hugging Face model the run started from, when it is a local directory or
-    a hub id (only those small files are downloaded); returns their names."""
-    if origin in ('scratch', '') or checkpoint.find(origin) is not None:
+    a hub id (only those small files are downloaded); returns their names. Nothing for a run from scratch, from
+    an out_dir, or from a directory with a meta.json (our export): its tokenizer is ours, which we write."""
+    if origin in ('scratch', '') or checkpoint.find(origin) is not None or \
+            os.path.isfile(os.path.join(origin, checkpoint.META)):
         return []
     if os.path.isdir(origin):
         source = origin
     else:
         try:
             source = hf.hub().snapshot_download(origin, allow_patterns=list(TOKENIZER_FILES))
-        except Exception:  # offline, or not a hub id: the note above says what to do
+        except Exception:  # offline, or not a hub id: ours is written instead (the same ids: GPT-2, gpt-oss)
             return []
     copied = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(source, name))]
     for name in copied:

@@ -618,8 +618,10 @@ class GPT(nn.Module):
         return 6 * n + attn
 
     def estimate_mfu(self, tokens_per_iter, dt, device="cpu", dtype=torch.float32):
-        """Model FLOPs utilisation against the peak of the device actually used."""
-        return self.flops_per_token(self.config.block_size) * tokens_per_iter / dt / devices.peak_flops(device, dtype)
+        """Model FLOPs utilisation against the peak of the device actually used (devices.peak_flops); at most 1: a
+        peak measured low (a busy host) must not report more than the machine can do."""
+        flops = self.flops_per_token(self.config.block_size) * tokens_per_iter / dt
+        return min(1.0, flops / devices.peak_flops(device, dtype))
 
     def memory_estimate(self, batch_size, block_size, dtype, gradient_checkpointing=False, optimizer="adamw"):
         """Rough device memory of training this model per process, in bytes: weights, gradients, optimizer state

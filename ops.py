@@ -12,8 +12,13 @@ changes what a model means.
     reference: F.cross_entropy(x @ weight.T, targets, ignore_index=-1).
 - decode_layout / BatchedHead: weight layouts that suit one-token matmuls on CPU.
     reference: the same nn.Linear with contiguous weights.
+- Muon: torch.optim.Muon's update, its Newton-Schulz orthogonalisation in float32 on CPUs that multiply bf16
+  slowly (torch's always casts to bf16: 100x slower than float32 on an AVX2 CPU without bf16 units).
+    reference: torch.optim.Muon (the same state and hyper-parameters, so checkpoints move between the two).
 """
 import functools
+import math
+import time
 
 import torch
 import torch.nn as nn
@@ -251,3 +256,78 @@ class BatchedHead(torch.nn.Module):
             y = torch.cat([flat @ block.t() for block in self.rows.split(256)], dim=1)
         y = y if self.bias is None else y + self.bias
         return y.reshape(*x.shape[:-1], y.size(-1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Muon with the orthogonalisation in a dtype the machine multiplies fast
+
+
+@functools.lru_cache(maxsize=None)
+def newton_schulz_dtype(device_type):
+    """bfloat16 where its matmuls are at least about as fast as float32's (GPUs; CPUs with AVX512-BF16 or AMX),
+    else float32: timed once per process on a 256 x 256 product."""
+    if device_type != "cpu":
+        return torch.bfloat16
+
+    def best(dtype, n=256, reps=5):
+        a = torch.randn(n, n).to(dtype)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ a
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    return torch.bfloat16 if best(torch.bfloat16) <= 1.5 * best(torch.float32) else torch.float32
+
+
+def newton_schulz(g, coefficients, steps, eps, dtype):
+    """torch.optim.Muon's quintic Newton-Schulz iteration (an approximate U V^T of G = U S V^T), in `dtype`."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = g.size(0) > g.size(1)
+    x = x.T if tall else x
+    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """torch.optim.Muon (momentum, Nesterov, Newton-Schulz orthogonalised update, decoupled weight decay, lr
+    adjusted by shape) with the orthogonalisation in newton_schulz_dtype: the same param_groups keys and
+    "momentum_buffer" state as torch's, so either loads the other's state_dict."""
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None):
+        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
+                                      adjust_lr_fn=adjust_lr_fn))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                       newton_schulz_dtype(p.device.type))
+                A, B = p.shape[:2]
+                ratio = {None: math.sqrt(max(1, A / B)), "original": math.sqrt(max(1, A / B)),
+                         "match_rms_adamw": 0.2 * math.sqrt(max(A, B))}[group["adjust_lr_fn"]]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"] * ratio)
+        return loss
+

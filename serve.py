@@ -11,15 +11,48 @@ family), with continuous batching: concurrent requests share the model, one toke
     client.completions.create(model="shakespeare", prompt="ROMEO:", max_tokens=50, stop=["\\n\\n"])
     client.chat.completions.create(model="gemma", messages=[{"role": "user", "content": "Hi"}], stream=True)
 
-Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both also with stream: true, as
-server-sent events ending in `data: [DONE]`), GET /health. Parameters: model, prompt / messages, max_tokens
+Endpoints: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions (both also with
+stream: true, as server-sent events ending in `data: [DONE]`), GET /health, and vLLM's tokenizer endpoints
+POST /tokenize ({"prompt": str} or {"messages": [...]} -> {"count", "max_model_len", "tokens"}), POST /detokenize
+({"tokens": [ids]} -> {"prompt"}) and GET /tokenizer_info (eos_token etc.: lm-eval's remote tokenizer), each with an
+optional model (default: the first; local models only). Parameters: model, prompt / messages, max_tokens
 (max_completion_tokens), temperature, top_p, top_k (an extension, as vLLM), stop, seed, n, stream,
-stream_options.include_usage. Errors are OpenAI-style: {"error": {"message", "type", "param", "code"}}.
+stream_options.include_usage, and log-probabilities as OpenAI and vLLM define them:
+- completions: logprobs (0-20) gives each choice {"tokens", "token_logprobs", "top_logprobs": [{token: logprob}
+  of the most likely alternatives and the token itself, as vLLM], "text_offset"}; echo: true puts the prompt first
+  in the text and in those lists (its first token's logprob and top_logprobs null); max_tokens 0 with echo scores
+  the prompt and generates nothing (finish_reason "length"): the scoring idiom lm-eval's local-completions uses.
+- chat: logprobs: true and top_logprobs (0-20) give {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}.
+- Log-probabilities are of the model's own distribution (log_softmax of the logits, before temperature, top-k and
+  top-p), as vLLM reports them by default; every sampled token has an entry, a stop token too (it ends the text
+  and is not part of it), so echo + max_tokens 1 always ends in exactly one generated entry. Streamed chunks carry
+  the entries of their tokens. Prompts are scored in the batcher's thread (engine.score), a token's text is
+  tokenizer.decode([id]), its bytes its raw bytes.
+Every other parameter is a 400 naming it ("unsupported parameter 'logit_bias'"), so a client never silently gets
+less than it asked for: OpenAI's parameters this server does not implement (logit_bias, presence_penalty,
+frequency_penalty, best_of, suffix, tools, tool_choice, functions, function_call, response_format, store,
+service_tier, modalities...) are accepted only with a value that asks for nothing (null, 0, {}, [], best_of 1 or
+n, response_format {"type": "text"}, store false; see NOT_IMPLEMENTED), other keys (vLLM's extras such as
+repetition_penalty too) not at all. `user` and `metadata` (harmless tags) are accepted and ignored. The implemented
+ones are type-checked ("logprobs": "yes" is a 400; top_logprobs needs logprobs: true, as OpenAI's).
+Errors are OpenAI-style: {"error": {"message", "type", "param", "code"}}.
+
+lm-evaluation-harness scores and generates through it, with no tokenizer of its own (tests/test_serve_eval.py):
+    lm_eval --model local-completions --tasks hellaswag --model_args model=NAME,tokenizer_backend=remote,\
+        base_url=http://127.0.0.1:8000/v1/completions,max_length=BLOCK_SIZE     # lm-eval's default is 2048
+    lm_eval --model local-chat-completions --apply_chat_template --tasks gsm8k \
+        --model_args model=NAME,base_url=http://127.0.0.1:8000/v1/chat/completions
+tokenizer_info's chat_template is null: the chat format is applied here (render_prompt encodes each piece apart;
+a template's text encoded whole by /tokenize would merge tokens across pieces), and lm-eval needs none:
+local-chat-completions sends the messages. local-completions with --apply_chat_template and the remote tokenizer
+fails in lm-eval 0.4.13 itself (it posts the message list to /tokenize as the prompt, which vLLM refuses too).
+
 Chat renders messages in the model's chat format (tokenizer.render_prompt: plain for GPT-2, gemma, harmony for
 GPT-OSS; --chat_format overrides) and stops at the format's stop tokens and strings. A completion without
 max_tokens gets 16 tokens (as OpenAI's), a chat reply up to --default_max_tokens (256).
 
-- --api_key KEY: /v1/* need `Authorization: Bearer KEY` (401 otherwise); /health stays open.
+- --api_key KEY: /v1/* and the tokenizer endpoints need `Authorization: Bearer KEY` (401 otherwise; lm-eval
+  sends it with auth_token=KEY); /health stays open.
 - --upstream URL: requests for models not served here go to that OpenAI-compatible server (vLLM, another
   serve.py), streams passed through as they come; its models join /v1/models. When it cannot be reached,
   --fallback NAME answers from a local model instead (else 503). /health reports the upstream's state.
@@ -32,7 +65,8 @@ max_tokens gets 16 tokens (as OpenAI's), a chat reply up to --default_max_tokens
 How it works, top to bottom:
 - Batcher: one background thread owns a model and runs continuous batching on the engine (engine.py: the KV
   cache's slots, prefill, the decode step, the sampler, the stop-string streamer). Each step it admits waiting
-  rows (one prefill forward for all of them), then decodes one token for every active row at once; the events
+  rows (echoed prompts sent first, scored in one engine.score pass when they asked for log-probabilities; then one
+  prefill forward for all that generate), then decodes one token for every active row at once; the events
   go back to each request's queue. Every row samples with its own settings in one batched pass; a seeded row
   draws its uniforms from its own generator, so its draws do not depend on what else is in the batch.
 - ops.BatchedHead (CPU): the output head in the matrix layout that suits the batch size.
@@ -41,6 +75,7 @@ How it works, top to bottom:
 
 import argparse
 import asyncio
+import codecs
 import collections
 import hmac
 import json
@@ -79,6 +114,8 @@ class Row:
     generator: torch.Generator | None  # the row's own uniforms, when the request has a seed
     stop_ids: frozenset
     text: engine.TextStream
+    echo: bool = False          # the prompt comes first in the text (and in the log-probabilities)
+    logprobs: int | None = None  # each token's log-probability with this many top alternatives; None: not asked
     produced: int = 0
     last: int = -1              # the last sampled token, fed at the next step
     done: bool = False
@@ -87,12 +124,17 @@ class Row:
 @dataclass
 class Event:
     """What a request's queue receives: text of a choice, its end, an error (from the batcher), or "gone" (from
-    the request's watchdog, when the client hangs up)."""
+    the request's watchdog, when the client hangs up). A text event of a row that asked for log-probabilities
+    carries its tokens, (token id, logprob, top) each: top the row's `logprobs` likeliest alternatives as
+    (token id, logprob), likeliest first; logprob and top are None for a prompt's first token (nothing predicts
+    it). Tokens come when sampled, their text may come later (held back by the stop-string streamer); a stop token
+    has an entry but no text."""
     kind: str                   # "text" | "done" | "error" | "gone"
     index: int = 0
     text: str = ""
     finish_reason: str | None = None
     completion_tokens: int = 0
+    tokens: list = field(default_factory=list)
 
 
 class GenRequest:
@@ -125,9 +167,10 @@ def deliver(events):
 
 
 class Batcher:
-    """Continuous batching over an engine.KVCache. Each step: drop cancelled rows, admit waiting rows (one prefill
-    forward for all that fit, their first tokens sampled from it), then one decode forward for every active
-    row. A row leaves the batch as soon as it finishes, and its slot is reused at the next step."""
+    """Continuous batching over an engine.KVCache. Each step: drop cancelled rows, admit waiting rows (echoed
+    prompts first, scored in one engine.score pass when they asked for log-probabilities; then one prefill forward
+    for all that generate, their first tokens sampled from it), then one decode forward for every active row. A
+    row leaves the batch as soon as it finishes, and its slot is reused at the next step."""
 
     def __init__(self, model, name="model", max_batch=16, max_prefill_tokens=4096):
         self.model, self.name = model, name
@@ -172,7 +215,7 @@ class Batcher:
                 with torch.inference_mode():
                     self._drop_cancelled()
                     if admit:
-                        self._prefill(admit)
+                        self._prefill(self._echo(admit))
                     if self.active:
                         self._decode()
                 self.steps += 1
@@ -193,8 +236,8 @@ class Batcher:
 
     def _take(self):
         """Waiting rows that fit this step: free slots, and a budget of prefill tokens (at least one row)."""
-        taken, tokens = [], 0
-        while self.waiting and len(self.active) + len(taken) < self.max_batch:
+        taken, tokens, slots = [], 0, 0
+        while self.waiting and len(self.active) + slots < self.max_batch:
             row = self.waiting[0]
             if row.req.cancelled:
                 self.waiting.popleft()
@@ -203,6 +246,7 @@ class Batcher:
                 break
             taken.append(self.waiting.popleft())
             tokens += len(row.prompt)
+            slots += row.max_new > 0  # a row with nothing to generate (echo, max_tokens 0) takes no slot
         return taken
 
     def _drop_cancelled(self):
@@ -219,7 +263,35 @@ class Batcher:
         self.active.pop()
         self.cache.n -= 1
 
+    def _echo(self, rows):
+        """Admission's first part: each echo row's prompt goes out as its first text (with the prompt's
+        log-probabilities when it asked); rows with nothing to generate end here. Returns the rows to prefill."""
+        scores = self._score_prompts([r for r in rows if r.echo and r.logprobs is not None])
+        for row in rows:
+            if row.echo:
+                tokens = scores[tuple(row.prompt)] if row.logprobs is not None else []
+                tokens = [(t, lp, top if top is None else top[:row.logprobs]) for t, lp, top in tokens]
+                self.outbox.append((row.req, Event("text", row.index, row.text.decode(row.prompt), tokens=tokens)))
+            if row.max_new == 0:
+                row.done = True
+                self.outbox.append((row.req, Event("done", row.index, finish_reason="length")))
+        return [r for r in rows if not r.done]
+
+    def _score_prompts(self, rows):
+        """{prompt: its tokens as Event entries} for these rows, in one engine.score pass (each distinct prompt
+        once): every token after the first given the ones before it, with the most alternatives any row asked for."""
+        prompts = list(dict.fromkeys(tuple(r.prompt) for r in rows))
+        scored = [p for p in prompts if len(p) > 1]
+        top_n = max((r.logprobs for r in rows), default=0)
+        results = engine.score(self.model, [(list(p[:1]), list(p[1:])) for p in scored], top_n) if scored else []
+        out = {p: [(p[0], None, None)] for p in prompts}
+        for p, s in zip(scored, results):
+            out[p] += list(zip(p[1:], s.logprobs, s.top))
+        return out
+
     def _prefill(self, rows):
+        if not rows:
+            return
         need = max(row.max_new - row.produced for row in self.active + rows)
         first = self.cache.n
         logits = engine.prefill(self.model, self.cache, [r.prompt for r in rows], need)
@@ -234,10 +306,26 @@ class Batcher:
         u = torch.tensor([torch.rand((), generator=r.generator or self.generator).item() for r in rows])
         return engine.sample(logits, rows, u)
 
+    def _sampled_logprobs(self, logits, rows, tokens):
+        """Each row's Event entry for its sampled token, None for rows that did not ask: one log_softmax over the
+        logits of the rows that did (the model's distribution, before temperature, top-k and top-p)."""
+        want = [k for k, row in enumerate(rows) if row.logprobs is not None]
+        out = [None] * len(rows)
+        if not want:
+            return out
+        top_n = max(rows[k].logprobs for k in want)
+        chosen, (values, ids) = engine.logprobs(logits[want], [tokens[k] for k in want], top_n)
+        chosen, values, ids = chosen.tolist(), values.tolist() if top_n else [], ids.tolist() if top_n else []
+        for j, k in enumerate(want):
+            n = rows[k].logprobs
+            out[k] = (tokens[k], chosen[j], list(zip(ids[j][:n], values[j][:n])) if n else [])
+        return out
+
     def _sample_and_emit(self, logits, slots):
         rows = [self.active[s] for s in slots]
+        tokens = self._sample(logits, rows)
         finished = []
-        for slot, row, token in zip(slots, rows, self._sample(logits, rows)):
+        for slot, row, token, entry in zip(slots, rows, tokens, self._sampled_logprobs(logits, rows, tokens)):
             row.produced += 1
             row.last = token
             if token in row.stop_ids:  # a stop token ends the text; it is not part of it
@@ -247,8 +335,8 @@ class Batcher:
                 reason = "stop" if hit else "length" if row.produced >= row.max_new else None
                 if reason == "length":
                     text += row.text.flush()
-            if text:
-                self.outbox.append((row.req, Event("text", row.index, text)))
+            if text or entry:
+                self.outbox.append((row.req, Event("text", row.index, text, tokens=[entry] if entry else [])))
             if reason is not None:
                 row.done = True
                 self.outbox.append((row.req, Event("done", row.index, finish_reason=reason,
@@ -346,6 +434,62 @@ def _number(body, key, default, lo, hi, integer=False):
     return value
 
 
+def _boolean(body, key, default=False):
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise APIError(400, f"'{key}' must be a boolean, got {value!r}", param=key, code="invalid_value")
+    return value
+
+
+# Every key of a request is read or refused, so no client silently gets less than it asked for. Read: the keys of
+# each endpoint below. Accepted and ignored: `user` (an end-user id for a provider's abuse monitoring) and `metadata`
+# (tags for stored completions; nothing is stored here). Refused (400 "unsupported parameter 'KEY'"): every other
+# key, except the parameters OpenAI defines that this server does not implement when they carry a value that asks
+# for nothing (their default, listed in NOT_IMPLEMENTED).
+METADATA = {"user", "metadata"}
+SAMPLING_KEYS = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n", "stream",
+                 "stream_options", "logprobs"}
+COMPLETION_KEYS = SAMPLING_KEYS | {"prompt", "echo"}
+CHAT_KEYS = SAMPLING_KEYS | {"messages", "max_completion_tokens", "top_logprobs"}
+TOKENIZE_KEYS = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt"}
+NOT_IMPLEMENTED = {  # parameter: the values that ask for nothing (best_of also equal to n)
+    "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "best_of": (None, 1),
+    "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+    "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+    "parallel_tool_calls": (None, True, False),  # without tools it means nothing
+    "store": (None, False), "service_tier": (None, "auto", "default"), "modalities": (None, ["text"]),
+}
+
+
+def check_parameters(body, known, endpoint):
+    """400 naming the first key of body that is neither read (`known`), metadata, nor an unimplemented parameter
+    that asks for nothing."""
+    for key, value in body.items():
+        if key in known or key in METADATA:
+            continue
+        if key not in NOT_IMPLEMENTED:
+            raise APIError(400, f"unsupported parameter '{key}': {endpoint} here takes {', '.join(sorted(known))}",
+                           param=key, code="unsupported_parameter")
+        if value not in NOT_IMPLEMENTED[key] and not (key == "best_of" and value == body.get("n", 1)):
+            raise APIError(400, f"unsupported parameter '{key}': this server does not implement it (leave it out, or "
+                           f"send {NOT_IMPLEMENTED[key][1]!r})", param=key, code="unsupported_parameter")
+
+
+def _logprobs_asked(body, chat):
+    """How many top alternatives come with each token's log-probability (0-20), or None when none are asked for:
+    completions' `logprobs` (a count), chat's `logprobs` (a boolean) with `top_logprobs` (a count; OpenAI refuses
+    it without logprobs: true)."""
+    if not chat:
+        return _number(body, "logprobs", None, 0, 20, integer=True)
+    wanted = _boolean(body, "logprobs")
+    top = _number(body, "top_logprobs", None, 0, 20, integer=True)
+    if top is not None and not wanted:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+    return (top or 0) if wanted else None
+
+
 def _tokenize(param, fn, *args, **kwargs):
     """Run a tokenizer call on client text; its complaints (a character outside a char tokenizer's vocabulary,
     a conversation the chat format cannot render: ValueErrors) become a 400 naming `param`."""
@@ -368,6 +512,8 @@ class GenSpec:
     seed: int | None
     stream: bool
     include_usage: bool
+    echo: bool = False          # completions: the prompt first, in the text and the log-probabilities
+    logprobs: int | None = None  # top alternatives per token (see _logprobs_asked); None: no log-probabilities
 
 
 def _message_text(content, i):
@@ -383,20 +529,31 @@ def _message_text(content, i):
                    param=f"messages.{i}.content", code="invalid_value")
 
 
+def parse_messages(body):
+    """The request's messages as {"role", "content": str} dicts (render_prompt checks the roles)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of messages", param="messages", code="invalid_value")
+    msgs = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise APIError(400, f"messages[{i}] must be an object", param=f"messages.{i}", code="invalid_value")
+        msgs.append({"role": m.get("role"), "content": _message_text(m.get("content"), i)})
+    return msgs
+
+
+def encode_text(tok, text):
+    """A prompt string's ids: special-token text such as <|endoftext|> is the special token (as vLLM's and Hugging
+    Face's tokenizers read it); a char tokenizer has none."""
+    return _tokenize("prompt", tok.encode, text, allow_special=tok.name != "char")
+
+
 def parse_request(lm, body, chat, default_max_tokens):
     """Validate an OpenAI request body against a local model; raises APIError (400) on bad input."""
+    check_parameters(body, *((CHAT_KEYS, "/v1/chat/completions") if chat else (COMPLETION_KEYS, "/v1/completions")))
     tok, block = lm.tokenizer, lm.block_size
     if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "'messages' must be a non-empty list of messages", param="messages",
-                           code="invalid_value")
-        msgs = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise APIError(400, f"messages[{i}] must be an object", param=f"messages.{i}", code="invalid_value")
-            msgs.append({"role": m.get("role"), "content": _message_text(m.get("content"), i)})
-        prompts = [_tokenize("messages", tokenizer_lib.render_prompt, tok, msgs, lm.chat_format)]
+        prompts = [_tokenize("messages", tokenizer_lib.render_prompt, tok, parse_messages(body), lm.chat_format)]
         param = "messages"
     else:
         prompt = body.get("prompt")
@@ -410,7 +567,7 @@ def parse_request(lm, body, chat, default_max_tokens):
         prompts = []
         for p in prompt:
             if isinstance(p, str):
-                ids = _tokenize("prompt", tok.encode, p, allow_special=tok.name != "char")
+                ids = encode_text(tok, p)
             elif isinstance(p, list) and all(_is_int(t) for t in p):
                 if any(not 0 <= t < lm.model.config.vocab_size for t in p):
                     raise APIError(400, "prompt token ids must be in [0, vocab_size)", param="prompt",
@@ -425,20 +582,21 @@ def parse_request(lm, body, chat, default_max_tokens):
                 ids = [tok.eot_token]
             prompts.append(ids)
         param = "prompt"
-    longest = max(len(p) for p in prompts)
-    if longest >= block:
-        raise APIError(400, f"This model's maximum context length is {block} tokens, but the {param} has "
-                       f"{longest} tokens, leaving no room for a completion.", param=param,
-                       code="context_length_exceeded")
+    echo = _boolean(body, "echo")
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    requested = _number(body, key, None, 1, 10**9, integer=True)
+    requested = _number(body, key, None, 0 if echo else 1, 10**9, integer=True)  # 0: score the prompt (echo)
+    longest = max(len(p) for p in prompts)
+    if longest + (requested != 0) > block:
+        raise APIError(400, f"This model's maximum context length is {block} tokens, but the {param} has "
+                       f"{longest} tokens" + (", leaving no room for a completion." if requested != 0 else "."),
+                       param=param, code="context_length_exceeded")
     if requested is not None and longest + requested > block:
         raise APIError(400, f"This model's maximum context length is {block} tokens. However, you requested "
                        f"{longest + requested} tokens ({longest} in the {param}, {requested} in the completion). "
                        f"Please reduce the {param} or the completion length.", param=key,
                        code="context_length_exceeded")
     default = default_max_tokens if chat else 16
-    max_tokens = [requested or min(default, block - len(p)) for p in prompts]
+    max_tokens = [requested if requested is not None else min(default, block - len(p)) for p in prompts]
     stop = body.get("stop")
     if stop is None:
         stops = []
@@ -449,9 +607,7 @@ def parse_request(lm, body, chat, default_max_tokens):
     else:
         raise APIError(400, "'stop' must be a string or a list of up to 16 strings", param="stop", code="invalid_value")
     stops = [s for s in stops if s]
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, "'stream' must be a boolean", param="stream", code="invalid_value")
+    stream = _boolean(body, "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise APIError(400, "'stream_options' must be an object", param="stream_options", code="invalid_value")
@@ -471,7 +627,8 @@ def parse_request(lm, body, chat, default_max_tokens):
                    temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
                    top_p=None if top_p >= 1.0 else float(top_p), top_k=top_k if top_k and top_k > 0 else None,
                    stops=stops + (lm.chat_stop_strings if chat else []), stop_ids=stop_ids, seed=seed,
-                   stream=stream, include_usage=bool(options.get("include_usage")))
+                   stream=stream, include_usage=bool(options.get("include_usage")), echo=echo,
+                   logprobs=_logprobs_asked(body, chat))
 
 
 def make_rows(lm, spec, req):
@@ -482,7 +639,8 @@ def make_rows(lm, spec, req):
             index = p * spec.n + j
             generator = None if spec.seed is None else torch.Generator().manual_seed((spec.seed + index) % 2**64)
             rows.append(Row(req, index, ids, max_new, spec.temperature, spec.top_p, spec.top_k, generator,
-                            spec.stop_ids, engine.TextStream(lm.tokenizer.decode, spec.stops)))
+                            spec.stop_ids, engine.TextStream(lm.tokenizer.decode, spec.stops), spec.echo,
+                            spec.logprobs))
     return rows
 
 
@@ -526,45 +684,95 @@ async def watch(req, request, poll=0.5):
             return
 
 
+class Logprobs:
+    """One choice's log-probabilities in OpenAI's shape, built from Event entries as they come: completions' four
+    parallel lists (tokens, token_logprobs, top_logprobs: {token: logprob} of the alternatives and the token itself,
+    as vLLM gives them; text_offset), chat's content list (token, logprob, bytes, top_logprobs). A token's text is
+    tok.decode([id]); its offset counts the characters of the text before it, decoding the tokens' bytes as they
+    come (a token may end in the middle of a character)."""
+
+    def __init__(self, tok, chat):
+        self.tok, self.chat = tok, chat
+        self.utf8, self.offset = codecs.getincrementaldecoder("utf-8")("replace"), 0
+        self.all = self.empty()
+
+    def empty(self):
+        return {"content": []} if self.chat else {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                                  "text_offset": []}
+
+    def add(self, entries):
+        """The part for these entries (a stream chunk's); the whole response's grows by it too."""
+        part = self.empty()
+        for token, logprob, top in entries:
+            if self.chat:
+                part["content"].append({**self.item(token, logprob), "top_logprobs": [self.item(*t) for t in top]})
+            else:
+                text = self.tok.decode([token])
+                part["tokens"].append(text)
+                part["token_logprobs"].append(_finite(logprob))
+                if top is not None:  # the token first: an alternative of the same text (as likely or more) wins
+                    top = {text: _finite(logprob), **{self.tok.decode([t]): _finite(v) for t, v in top}}
+                part["top_logprobs"].append(top)
+                part["text_offset"].append(self.offset)
+            self.offset += len(self.utf8.decode(self.tok.token_bytes(token)))
+        for key, values in part.items():
+            self.all[key] += values
+        return part
+
+    def item(self, token, logprob):
+        return {"token": self.tok.decode([token]), "logprob": _finite(logprob),
+                "bytes": list(self.tok.token_bytes(token))}
+
+
+def _finite(logprob):
+    """JSON has no -Infinity: a token the model rules out gets -9999.0, as vLLM reports it."""
+    return logprob if logprob is None else max(logprob, -9999.0)
+
+
 class Reply:
     """One local completion request's answer as it builds up: OpenAI's response and chunk shapes, and the tallies
     the usage and the trace need."""
 
-    def __init__(self, model_name, chat, n_choices, prompt_tokens):
+    def __init__(self, model_name, chat, n_choices, prompt_tokens, tok=None, logprobs=False):
         self.chat, self.prompt_tokens, self.closed = chat, prompt_tokens, False
         self.head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
                      "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
                      "model": model_name}
         self.texts, self.finishes, self.completion_tokens = [""] * n_choices, [None] * n_choices, 0
+        self.logprobs = [Logprobs(tok, chat) for _ in range(n_choices)] if logprobs else None
 
     def add(self, event):
+        """Tally an event; a text event's log-probabilities part (None when not asked for)."""
         if event.kind == "text":
             self.texts[event.index] += event.text
-        else:
-            self.finishes[event.index] = event.finish_reason
-            self.completion_tokens += event.completion_tokens
+            return self.logprobs[event.index].add(event.tokens) if self.logprobs else None
+        self.finishes[event.index] = event.finish_reason
+        self.completion_tokens += event.completion_tokens
+        return None
 
     def usage(self):
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
-    def chunk(self, index, text=None, finish=None, role=False):
-        """A streamed event: a role announcement (chat), new text, or a choice's finish."""
+    def chunk(self, index, text=None, finish=None, role=False, logprobs=None):
+        """A streamed event: a role announcement (chat), new text (with its tokens' log-probabilities), or a
+        choice's finish."""
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         return sse({**self.head, "choices": [choice]})
 
     def body(self):
         """The whole (not streamed) response."""
+        logprobs = [lp.all for lp in self.logprobs] if self.logprobs else [None] * len(self.texts)
         if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                        "finish_reason": f} for i, (t, f) in enumerate(zip(self.texts, self.finishes))]
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp,
+                        "finish_reason": f} for i, (t, f, lp) in enumerate(zip(self.texts, self.finishes, logprobs))]
         else:
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
-                       for i, (t, f) in enumerate(zip(self.texts, self.finishes))]
+            choices = [{"index": i, "text": t, "logprobs": lp, "finish_reason": f}
+                       for i, (t, f, lp) in enumerate(zip(self.texts, self.finishes, logprobs))]
         return {**self.head, "object": "chat.completion" if self.chat else "text_completion", "choices": choices,
                 "usage": self.usage()}
 
@@ -592,8 +800,8 @@ async def stream(reply, req, include_usage, close):
                 yield reply.chunk(i, role=True)
         try:
             async for event in events(req, len(reply.texts)):
-                reply.add(event)
-                yield reply.chunk(event.index, event.text) if event.kind == "text" else \
+                logprobs = reply.add(event)
+                yield reply.chunk(event.index, event.text, logprobs=logprobs) if event.kind == "text" else \
                     reply.chunk(event.index, finish=event.finish_reason)
         except APIError as e:
             status, error = e.status, e.message
@@ -715,12 +923,7 @@ class App:
         try:
             self.check_auth(request)
             raw = await request.body()
-            try:
-                body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise APIError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
-            if not isinstance(body, dict):
-                raise APIError(400, "The request body must be a JSON object", code="invalid_json")
+            body = json_object(raw)
             name = body.get("model", self.default)
             if not isinstance(name, str):
                 raise APIError(400, "'model' must be a string", param="model", code="invalid_value")
@@ -754,7 +957,8 @@ class App:
         spec = parse_request(lm, body, chat, self.default_max_tokens)
         req = GenRequest(asyncio.get_running_loop())
         req.rows = make_rows(lm, spec, req)
-        reply = Reply(lm.name, chat, len(req.rows), sum(len(p) for p in spec.prompts))
+        reply = Reply(lm.name, chat, len(req.rows), sum(len(p) for p in spec.prompts), lm.tokenizer,
+                      spec.logprobs is not None)
         record["prompt_tokens"] = reply.prompt_tokens
         lm.batcher.submit(req)
         watchdog = asyncio.ensure_future(watch(req, request))
@@ -833,6 +1037,71 @@ class App:
                     data.append(m)
         return {"object": "list", "data": data}
 
+    async def get_model(self, request, model_id):
+        for m in (await self.list_models(request))["data"]:
+            if m.get("id") == model_id:
+                return m
+        raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+
+    # -- vLLM's tokenizer endpoints: /tokenize, /detokenize, /tokenizer_info (lm-eval's remote tokenizer) ----------
+
+    def local_model(self, name):
+        """A local model by name (None: the first); tokenizing is not forwarded upstream."""
+        if name is None:
+            name = self.default
+        if not isinstance(name, str) or name not in self.models:
+            raise APIError(404, f"The model {name!r} is not served here (local: {', '.join(self.models) or 'none'})",
+                           param="model", code="model_not_found")
+        return self.models[name]
+
+    async def tokenize(self, request):
+        """{"prompt": str} (read as a completion prompt is) or {"messages": [...]} (rendered in the chat format,
+        with the assistant header unless add_generation_prompt is false) -> {"count", "max_model_len", "tokens"}.
+        add_special_tokens is accepted either way: our tokenizers add none (no BOS)."""
+        self.check_auth(request)
+        body = json_object(await request.body())
+        check_parameters(body, TOKENIZE_KEYS, "/tokenize")
+        lm = self.local_model(body.get("model"))
+        _boolean(body, "add_special_tokens", True)
+        if ("prompt" in body) == ("messages" in body):
+            raise APIError(400, "give either 'prompt' (a string) or 'messages'", param="prompt", code="invalid_value")
+        if "messages" in body:
+            msgs = parse_messages(body)
+            if _boolean(body, "add_generation_prompt", True):
+                ids = _tokenize("messages", tokenizer_lib.render_prompt, lm.tokenizer, msgs, lm.chat_format)
+            else:
+                ids = _tokenize("messages", tokenizer_lib.render_chat, lm.tokenizer, msgs, lm.chat_format)[0]
+        elif isinstance(body["prompt"], str):
+            ids = encode_text(lm.tokenizer, body["prompt"])
+        else:
+            raise APIError(400, "'prompt' must be a string", param="prompt", code="invalid_value")
+        return {"count": len(ids), "max_model_len": lm.block_size, "tokens": ids}
+
+    async def detokenize(self, request):
+        """{"tokens": [ids]} -> {"prompt": their text}."""
+        self.check_auth(request)
+        body = json_object(await request.body())
+        check_parameters(body, {"model", "tokens"}, "/detokenize")
+        tok = self.local_model(body.get("model")).tokenizer
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(_is_int(t) and 0 <= t < tok.vocab_size for t in ids):
+            raise APIError(400, f"'tokens' must be a list of token ids in [0, {tok.vocab_size})", param="tokens",
+                           code="invalid_value")
+        return {"prompt": tok.decode(ids)}
+
+    async def tokenizer_info(self, request):
+        """What lm-eval's remote tokenizer reads (eos_token, bos_token, pad_token, chat_template) and a little
+        more. eos_token is <|endoftext|>, null for a char tokenizer (it has none); there is no BOS or pad token;
+        chat_template is null (see the module docstring): clients send messages to /v1/chat/completions (or
+        /tokenize) and the server renders them in the model's chat format."""
+        self.check_auth(request)
+        lm = self.local_model(request.query_params.get("model"))
+        tok = lm.tokenizer
+        return {"tokenizer_class": f"nanoforge.{type(tok).__name__}", "name": tok.name,
+                "eos_token": tok.decode([tok.eot_token]) if tok.eot_token is not None else None,
+                "bos_token": None, "pad_token": None, "chat_template": None, "chat_format": lm.chat_format,
+                "vocab_size": tok.vocab_size, "model_max_length": lm.block_size}
+
     async def health(self):
         out = {"status": "ok", "models": {name: {"path": lm.path, "chat_format": lm.chat_format,
                                                  **lm.batcher.load()} for name, lm in self.models.items()}}
@@ -843,6 +1112,17 @@ class App:
             if self.upstream.state["status"] != "up":
                 out["status"] = "degraded"
         return out
+
+
+def json_object(raw):
+    """A request body that must be a JSON object."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object", code="invalid_json")
+    return body
 
 
 def _usage_from_sse(tail):
@@ -905,6 +1185,22 @@ def build_app(state):
     @app.get("/v1/models")
     async def models(request: Request):
         return await state.list_models(request)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str):
+        return await state.get_model(request, model_id)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await state.tokenize(request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await state.detokenize(request)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        return await state.tokenizer_info(request)
 
     @app.get("/health")
     async def health():

@@ -63,6 +63,10 @@ class CharTokenizer:
     def decode(self, ids):
         return "".join(self.chars[i] for i in _as_list(ids))
 
+    def token_bytes(self, id):
+        """The token's raw bytes: its character in UTF-8."""
+        return self.chars[id].encode("utf-8")
+
 
 class TiktokenTokenizer:
     """A tiktoken BPE encoding; encode() treats special-token text as plain text unless asked."""
@@ -87,6 +91,10 @@ class TiktokenTokenizer:
 
     def decode(self, ids):
         return self.enc.decode(_as_list(ids))
+
+    def token_bytes(self, id):
+        """The token's raw bytes (a token may hold part of a UTF-8 character)."""
+        return self.enc.decode_single_token_bytes(id)
 
 
 def _tiktoken_names():
@@ -301,3 +309,140 @@ def default_chat_format(meta_or_tokenizer, family=None):
         return "gemma"
     name = m.get("tokenizer") if isinstance(m, dict) else getattr(m, "name", m)
     return "harmony" if name == "o200k_harmony" else "plain"
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face tokenizer files, for export.py: tokenizer.json (the `tokenizers` library's format),
+# tokenizer_config.json and generation_config.json, so that transformers' AutoTokenizer, lm-eval's hf
+# backend and vLLM encode text to exactly our ids. Plain JSON: writing them needs neither library.
+#
+# tiktoken -> byte-level BPE: the vocabulary is tiktoken's mergeable ranks, each byte written as GPT-2's
+# printable stand-in character; the merges are every split of a token into two tokens, in the token's rank
+# order (tiktoken merges the adjacent pair whose concatenation ranks lowest); the pre-tokenizer is the
+# encoding's own regex; special tokens are added tokens with their ids. "char" -> a BPE model without merges
+# and without a pre-tokenizer: each character is its token, and the decoder joins tokens as they are.
+# ---------------------------------------------------------------------------------------------
+
+# A Unicode noncharacter (reserved for a program's internal use): the chat templates of BPE exports put it
+# after each piece that _render encodes on its own, and the pre-tokenizer splits there and drops it
+PIECE_MARK = "\ufdd0"
+
+# The template reads turns {role: [header, end, after]} (render's pieces as text, each followed by mark),
+# last_end (harmony: <|return|> ends a finished chat) and merge_system (gemma: a first system/developer message
+# prefixes the first user turn), which _chat_template sets in front of it.
+CHAT_TEMPLATE = """
+{%- set ns = namespace(prefix="", messages=messages) -%}
+{%- if merge_system and messages and messages[0].role in ["system", "developer"] -%}
+    {%- if messages | length < 2 or messages[1].role != "user" -%}
+        {{- raise_exception("the gemma chat format needs a user message right after the system message") -}}
+    {%- endif -%}
+    {%- set ns.prefix = messages[0].content ~ "\\n\\n" -%}
+    {%- set ns.messages = messages[1:] -%}
+{%- endif -%}
+{%- for m in ns.messages -%}
+    {%- if m.role not in turns -%}
+        {{- raise_exception("role " ~ m.role ~ " is not one this chat format takes here") -}}
+    {%- endif -%}
+    {%- set finished = m.role == "assistant" and loop.last and not add_generation_prompt -%}
+    {%- set end = last_end if finished else turns[m.role][1] -%}
+    {{- turns[m.role][0] ~ (ns.prefix if loop.first else "") ~ m.content ~ mark ~ end ~ turns[m.role][2] -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- turns["assistant"][0] -}}
+{%- endif -%}
+"""
+
+
+def _byte_chars():
+    """GPT-2's byte -> character map: printable bytes stand for themselves, the others for chr(256 + i)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def _bpe_vocab_merges(ranks):
+    """vocab {token text: id} and merges ["left right", ...] of tiktoken's mergeable ranks {bytes: rank}."""
+    chars = _byte_chars()
+    text = {token: "".join(chars[b] for b in token) for token in ranks}
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges += [f"{text[a]} {text[b]}" for a, b in sorted(splits, key=lambda s: (ranks[s[0]], ranks[s[1]]))]
+    return {text[token]: rank for token, rank in ranks.items()}, merges
+
+
+def _piece_mark(tok, chat_format):
+    """PIECE_MARK where joined text would tokenize differently from _render's pieces: a BPE tokenizer merges
+    across them ("User: " + "Hi": " Hi", not " " "Hi"). Not for harmony (special tokens keep its pieces apart)
+    nor for "char" (characters never merge)."""
+    return PIECE_MARK if chat_format in ("plain", "gemma") and tok.name != "char" else ""
+
+
+def _chat_template(tok, chat_format):
+    """A Jinja chat template that renders the text of render_chat (render_prompt with add_generation_prompt)."""
+    mark = _piece_mark(tok, chat_format)
+
+    def text(pieces):
+        return "".join((tok.decode([p]) if isinstance(p, int) else p) + mark for p in pieces)
+
+    roles = ("user", "assistant") if chat_format == "gemma" else CHAT_ROLES
+    turns = {role: [text(part) for part in _turn(tok, chat_format, role, last=False)] for role in roles}
+    settings = dict(turns=turns, last_end=text(_turn(tok, chat_format, "assistant", last=True)[1]), mark=mark,
+                    merge_system=chat_format == "gemma")
+    return "".join(f"{{%- set {k} = {json.dumps(v)} -%}}\n" for k, v in settings.items()) + CHAT_TEMPLATE.strip()
+
+
+def _bpe(vocab, merges, ignore_merges):
+    return {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": ignore_merges,
+            "vocab": vocab, "merges": merges}
+
+
+def hf_tokenizer_files(tok, chat_format=None, model_max_length=None):
+    """{file name: text} of the Hugging Face files for our tokenizer `tok` (the one a run's meta.json names):
+    tokenizer.json, tokenizer_config.json (with the chat template of `chat_format`, if given) and
+    generation_config.json (the ids that end generation, which transformers and vLLM stop at)."""
+    if isinstance(tok, CharTokenizer):
+        specials, pre_tokenizers = {}, []
+        model, decoder = _bpe({c: i for i, c in enumerate(tok.chars)}, [], False), {"type": "Fuse"}
+    else:
+        # one name per id (the library keeps one): o200k_harmony's 200018 is both <|endofprompt|> and
+        # <|reserved_200018|>; we keep the one tiktoken decodes it to
+        specials = {tok.decode([i]): i for i in sorted(set(tok.enc._special_tokens.values()))}
+        vocab, merges = _bpe_vocab_merges(tok.enc._mergeable_ranks)
+        # The library gives an added token the id the model's vocabulary has for it, else the next free one, so
+        # the special tokens go in the vocabulary too, and so do the ids that no token has (o200k_base's 199998
+        # and 200000-200017), named with a space, which byte-level text never holds: nothing encodes to them.
+        vocab.update(specials)
+        vocab.update({f"<unused {i}>": i for i in sorted(set(range(tok.vocab_size)) - set(vocab.values()))})
+        model = _bpe(vocab, merges, True)  # ignore_merges: a pre-token that is a token is that token, as in tiktoken
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+        pre_tokenizers = [{"type": "Split", "pattern": {"Regex": tok.enc._pat_str}, "behavior": "Isolated",
+                           "invert": False}, byte_level]
+        decoder = byte_level
+    if chat_format and _piece_mark(tok, chat_format):
+        pre_tokenizers.insert(0, {"type": "Split", "pattern": {"String": PIECE_MARK}, "behavior": "Removed",
+                                  "invert": False})
+    tokenizer = {"version": "1.0", "truncation": None, "padding": None,
+                 "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                                   "normalized": False, "special": True} for s, i in specials.items()],
+                 "normalizer": None,
+                 "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre_tokenizers} if pre_tokenizers else None,
+                 "post_processor": None, "decoder": decoder, "model": model}
+
+    # special tokens as the Hugging Face models of each family name them: GPT-2's are all <|endoftext|>, gpt-oss
+    # has <|startoftext|> and ends chat replies with <|return|>
+    eot = tok.decode([tok.eot_token]) if tok.eot_token is not None else None
+    bos = "<|startoftext|>" if "<|startoftext|>" in specials else eot if tok.name in ("gpt2", "r50k_base") else None
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "model_max_length": model_max_length or int(1e30), "bos_token": bos,
+              "eos_token": "<|return|>" if chat_format == "harmony" else eot,
+              "unk_token": eot if tok.name in ("gpt2", "r50k_base") else None,
+              "chat_template": _chat_template(tok, chat_format) if chat_format else None}
+    eos = stop_tokens(tok, chat_format) if chat_format else [tok.eot_token] if eot else []
+    # written even when empty: the model's config.json defaults (GPT2Config's 50256, Gemma's 1) are not our ids
+    generation = {"bos_token_id": specials.get(bos), "eos_token_id": (eos[0] if len(eos) == 1 else eos) or None}
+    return {"tokenizer.json": json.dumps(tokenizer, ensure_ascii=False),
+            "tokenizer_config.json": json.dumps({k: v for k, v in config.items() if v is not None}, indent=2,
+                                                ensure_ascii=False) + "\n",
+            "generation_config.json": json.dumps(generation, indent=2) + "\n"}

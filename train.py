@@ -40,8 +40,9 @@ import devices
 import lossplot
 from configurator import apply_overrides
 from dataset import DatasetError, open_dataset
+from eval import EvalError, check_tasks, evaluate, write_results
 from model import GPT
-from tokenizer import TokenizerError
+from tokenizer import TokenizerError, load_tokenizer
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -98,6 +99,10 @@ save_base_weights = False  # LoRA: checkpoints hold the adapters and name their 
                            # (chosen when a run starts; a resume keeps the kind its checkpoint has)
 estimate_only = False  # print this run's memory estimate and exit: from the config alone, no data or weights loaded
 seed = 1337
+# lm-evaluation-harness tasks on the final model (eval.py; pip install -r requirements-eval.txt); '' = off
+eval_tasks = ''  # comma-separated task names, e.g. 'hellaswag,lambada_openai'; results in out_dir/eval_results.json
+eval_limit = 0.0  # examples per task: 0 = all, < 1 a fraction
+eval_include_path = ''  # a folder of task YAML files
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, dict))]
 config = apply_overrides(globals(), sys.argv[1:], allowed_keys=config_keys)  # overrides from command line or config file
@@ -154,6 +159,11 @@ if base_ptdtype != torch.float32 and ptdtype == torch.float32:  # float32 activa
 ctx = devices.autocast(device, ptdtype)  # a no-op in float32
 if optimizer not in ('adamw', 'muon'):
     fail(f"optimizer {optimizer!r} is not one of adamw, muon")
+if eval_tasks and master_process and not estimate_only:  # before training: a typo must not cost the run's end
+    try:
+        check_tasks([t.strip() for t in eval_tasks.split(',') if t.strip()], eval_include_path)
+    except EvalError as e:
+        fail(str(e))
 
 # -----------------------------------------------------------------------------
 # data: flat token streams (train.bin, val.bin) and meta.json, made by data/<dataset>/prepare.py; or chat data for
@@ -402,6 +412,19 @@ def stop_after_signal(signum):
     sys.exit(128 + signum)
 
 
+def run_eval_tasks():
+    """lm-eval's eval_tasks on the final model (eval.py): the table, and out_dir/eval_results.json."""
+    from lm_eval.utils import make_table
+    tasks = [t.strip() for t in eval_tasks.split(',') if t.strip()]
+    try:
+        results = evaluate(raw_model, load_tokenizer(meta), meta, tasks, limit=eval_limit, batch_size=batch_size,
+                           include_path=eval_include_path, seed=seed)
+    except EvalError as e:
+        fail(str(e))
+    print(make_table(results))
+    print(f"wrote {', '.join(write_results(results, out_dir))}")
+
+
 def finish():
     if master_process:
         history_file.close()
@@ -514,4 +537,6 @@ while True:
     if signum:
         stop_after_signal(signum)
 
+if eval_tasks and master_process and not eval_only:
+    run_eval_tasks()
 finish()

@@ -481,3 +481,35 @@ def test_compiled_decode_step_is_traced_once(family, zoo):
         prompts = prompts_of(lengths, seed=3)
         assert greedy(fast, prompts, n) == greedy(ours, prompts, n)
     assert counters["stats"]["unique_graphs"] == (1 if compiled else 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 10. scoring: continuations' log-probabilities, requests sharing a context packed into one row
+
+
+@pytest.mark.parametrize("family", FAMILIES + ["sliding_only"])
+def test_score_equals_full_forward_log_softmax(family, zoo):
+    """engine.score against each (context + continuation) run alone through forward: every continuation token's
+    log-probability, its greedy flag (half the continuations are the model's own greedy tokens, so flags of both
+    kinds are checked) and the top-3, for contexts shared by up to four continuations, past the sliding window,
+    batched several rows a forward."""
+    ours = sliding_only_model() if family == "sliding_only" else zoo(family)[1]
+    rng = random.Random(family)
+    requests = []
+    for context in prompts_of([1, 5, PROMPT, 13, 30], seed=9):
+        for k in range(rng.randint(1, 4)):
+            n = rng.randint(1, 12)
+            continuation = (greedy_recomputed(ours, context, n) if k % 2 else
+                            [rng.randrange(VOCAB) for _ in range(n)])
+            requests.append((context, continuation))
+    scored = engine.score(ours, requests, top_n=3, batch_rows=3, batch_tokens=200)
+    flags = set()
+    for (context, continuation), s in zip(requests, scored):
+        logp = torch.log_softmax(full_logits(ours, context + continuation[:-1]).float(), -1)[len(context) - 1:]
+        target = torch.tensor(continuation)
+        assert (torch.tensor(s.logprobs) - logp.gather(1, target.unsqueeze(1))[:, 0]).abs().max() < LOGIT_TOL
+        assert s.greedy == (logp.argmax(-1) == target).tolist()
+        top = logp.topk(3, dim=-1)
+        assert [[i for i, _ in row] for row in s.top] == top.indices.tolist()
+        flags.add(all(s.greedy))
+    assert flags == {True, False}

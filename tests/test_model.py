@@ -44,3 +44,17 @@ def test_when_the_chunked_head_loss_is_used():
     assert not model.chunked_head_loss(256, torch.float16)
     model.add_lora(lora_rank=2, lora_targets="lm_head")
     assert not model.chunked_head_loss(256, torch.float32)  # an adapted head takes the whole-logits path
+
+
+def test_peak_flops_cache_keeps_the_highest_and_mfu_stays_at_most_one(tmp_path, monkeypatch):
+    """A peak measured on a busy host (low) never replaces a higher one measured before, so MFU is not inflated;
+    and MFU is capped at 100% whatever the peak."""
+    import devices
+    monkeypatch.setattr(devices, "PEAK_CACHE", tmp_path / "peak_flops.json")
+    for measured, expected in ((5e10, 5e10), (2e10, 5e10), (8e10, 8e10)):  # idle, busy, a faster idle run
+        devices.peak_flops.cache_clear()
+        monkeypatch.setattr(devices, "measure_matmul_flops", lambda device, dtype, m=measured: m)
+        assert devices.peak_flops("cpu", torch.float32) == expected
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=64))
+    assert model.estimate_mfu(tokens_per_iter=1e9, dt=1e-3) == 1.0  # far above any peak: capped
+    devices.peak_flops.cache_clear()

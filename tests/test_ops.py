@@ -120,3 +120,32 @@ def test_decode_layouts_equal_the_plain_linear():
             expected = F.linear(x, plain.lm_head.weight)
             assert (batched(x) - expected).abs().max().item() < 1e-5
             assert (model.lm_head(x) - expected).abs().max().item() < 1e-5
+
+
+def test_muon_equals_torch_muon_and_orthogonalises_in_float32_where_bf16_is_slow(monkeypatch):
+    """ops.Muon against torch.optim.Muon over 5 steps (Nesterov momentum, weight decay, match_rms_adamw lr, a tall
+    and a wide matrix): exactly equal with the orthogonalisation in bfloat16 (torch's), within bf16 rounding of it in
+    float32; and their state_dicts load into each other."""
+    torch.manual_seed(4)
+    start = [torch.randn(64, 32), torch.randn(16, 48)]
+    grads = [[torch.randn_like(w) for w in start] for _ in range(5)]
+
+    def run(make, dtype=None):
+        if dtype is not None:
+            monkeypatch.setattr(ops, "newton_schulz_dtype", lambda device_type: dtype)
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = make(params, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        return params, opt
+    reference, torch_opt = run(torch.optim.Muon)
+    in_bf16, ours = run(ops.Muon, torch.bfloat16)
+    in_fp32, _ = run(ops.Muon, torch.float32)
+    moved = [(r - w).abs().max().item() for r, w in zip(reference, start)]
+    for r, a, b, m in zip(reference, in_bf16, in_fp32, moved):
+        assert torch.equal(a, r)
+        assert (b - r).abs().max().item() < 0.05 * m  # the updates agree to bf16's precision
+    torch_opt.load_state_dict(ours.state_dict())
+    ours.load_state_dict(torch_opt.state_dict())

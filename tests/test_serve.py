@@ -343,6 +343,252 @@ def test_stop_strings_end_the_text_exactly(client, reference):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# log-probabilities (completions' logprobs and echo, chat's logprobs and top_logprobs) and the tokenizer endpoints
+
+
+@pytest.fixture(scope="module")
+def log_softmax(ckpt):
+    """The model's own log-probabilities, from its plain forward: ids -> (len(ids), vocab), row i the distribution
+    of the token after ids[:i + 1]."""
+    model = GPT.from_pretrained(str(ckpt)).eval()
+
+    def run(ids):
+        with torch.no_grad():
+            return torch.log_softmax(model(torch.tensor([ids]))[0][0].float(), dim=-1)
+
+    return run
+
+
+def _offsets(tokens):
+    return [len("".join(tokens[:i])) for i in range(len(tokens))]
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(client, log_softmax):
+    """The scoring idiom of OpenAI and vLLM: the prompt's tokens, each with its log-probability under the model and
+    its 5 likeliest alternatives (the first token has none), and no completion."""
+    prompt = PROMPTS[5]
+    ids = ENC.encode(prompt)
+    r = client.completions.create(model="tiny", prompt=prompt, logprobs=5, echo=True, max_tokens=0)
+    choice, expected = r.choices[0], log_softmax(ids)
+    lp = choice.logprobs
+    assert choice.text == prompt and choice.finish_reason == "length" and r.usage.completion_tokens == 0
+    assert lp.tokens == [ENC.decode([t]) for t in ids] and "".join(lp.tokens) == prompt
+    assert lp.text_offset == _offsets(lp.tokens)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(expected[i - 1, ids[i]].item(), abs=1e-4)
+        values, top = expected[i - 1].topk(5)
+        alternatives = {ENC.decode([t]): v for t, v in zip(top.tolist(), values.tolist())}
+        # the 5 likeliest, and the prompt's own token (vLLM's shape)
+        assert set(lp.top_logprobs[i]) == set(alternatives) | {lp.tokens[i]}
+        for token, value in alternatives.items():
+            assert lp.top_logprobs[i][token] == pytest.approx(value, abs=1e-4)
+
+
+def test_echo_scores_on_a_sliding_window_model(servers, gemma):
+    """Gemma 3 (sliding-window layers of 4 tokens, RoPE): a prompt longer than the window, scored as its own forward
+    scores it."""
+    prompt = "A longer prompt than the sliding window of four tokens, scored token by token"
+    ids = ENC.encode(prompt)
+    model = GPT.from_pretrained(str(gemma)).eval()
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids]))[0][0].float(), dim=-1)
+    r = servers["front"].client().completions.create(model="gemma", prompt=prompt, logprobs=1, echo=True,
+                                                     max_tokens=0)
+    got = r.choices[0].logprobs.token_logprobs
+    assert got[0] is None and len(got) == len(ids)
+    assert got[1:] == pytest.approx([expected[i - 1, ids[i]].item() for i in range(1, len(ids))], abs=1e-4)
+
+
+def test_echo_of_token_prompts_with_one_generated_token(client, log_softmax, reference):
+    """lm-eval's loglikelihood request: a batch of token-id prompts, echo, logprobs 1, one greedy token; the prompt's
+    entries, then the generated token's, which is the model's top-1."""
+    prompts = [ENC.encode(PROMPTS[1]), ENC.encode(PROMPTS[2]), ENC.encode("x")]
+    r = client.completions.create(model="tiny", prompt=prompts, echo=True, logprobs=1, max_tokens=1, temperature=0,
+                                  seed=1234)
+    for choice in r.choices:
+        ids = prompts[choice.index]
+        lp, expected = choice.logprobs, log_softmax(ids)
+        generated = reference(ids, 1)[0]
+        assert choice.text == ENC.decode(ids + [generated])
+        assert len(lp.token_logprobs) == len(ids) + 1 and lp.tokens[-1] == ENC.decode([generated])
+        for i in range(1, len(ids) + 1):
+            token = (ids + [generated])[i]
+            assert lp.token_logprobs[i] == pytest.approx(expected[i - 1, token].item(), abs=1e-4)
+        assert lp.token_logprobs[-1] == max(lp.top_logprobs[-1].values())  # greedy: its own top-1, exactly
+    plain = client.completions.create(model="tiny", prompt=PROMPTS[0], echo=True, max_tokens=3, temperature=0)
+    assert plain.choices[0].text == PROMPTS[0] + ENC.decode(reference(ENC.encode(PROMPTS[0]), 3))
+    assert plain.choices[0].logprobs is None
+
+
+def test_logprobs_of_generated_tokens(client, log_softmax, reference):
+    """Each generated token's log-probability under the model's own distribution: greedy ones are the top-1; sampled
+    ones (temperature, top-k) are still reported before temperature and top-k, as vLLM does."""
+    ids = ENC.encode(PROMPTS[2])
+    r = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=8, temperature=0, logprobs=3)
+    generated = reference(ids, 8)
+    lp, expected = r.choices[0].logprobs, log_softmax(ids + generated)
+    assert lp.tokens == [ENC.decode([t]) for t in generated] and lp.text_offset == _offsets(lp.tokens)
+    for i, token in enumerate(generated):
+        assert lp.token_logprobs[i] == pytest.approx(expected[len(ids) + i - 1, token].item(), abs=1e-4)
+        assert lp.token_logprobs[i] == max(lp.top_logprobs[i].values()) and len(lp.top_logprobs[i]) == 3
+    r = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=4, temperature=0, logprobs=0)
+    assert r.choices[0].logprobs.top_logprobs == [{t: v} for t, v in zip(r.choices[0].logprobs.tokens,
+                                                                         r.choices[0].logprobs.token_logprobs)]
+    # sampled (temperature 1.5, top-k 5): chat's bytes name each token exactly
+    messages = [{"role": "user", "content": "Sample"}]
+    ids = chat_ids(messages)
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=1.5, seed=5,
+                                       logprobs=True, extra_body={"top_k": 5})
+    content = r.choices[0].logprobs.content
+    sampled = [ENC.encode_single_token(bytes(c.bytes)) for c in content]
+    expected = log_softmax(ids + sampled)
+    for i, (c, token) in enumerate(zip(content, sampled)):
+        assert c.logprob == pytest.approx(expected[len(ids) + i - 1, token].item(), abs=1e-4)
+
+
+def test_chat_logprobs(client, log_softmax, reference):
+    messages = [{"role": "user", "content": "Hi there"}]
+    ids = chat_ids(messages)
+    generated = reference(ids, 6)
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content, expected = r.choices[0].logprobs.content, log_softmax(ids + generated)
+    assert [c.token for c in content][:len(generated)] == [ENC.decode([t]) for t in generated]
+    for i, (c, token) in enumerate(zip(content, generated)):
+        assert c.logprob == pytest.approx(expected[len(ids) + i - 1, token].item(), abs=1e-4)
+        assert c.bytes == list(ENC.decode_single_token_bytes(token))
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token
+        assert c.top_logprobs[0].logprob == c.logprob >= c.top_logprobs[1].logprob >= c.top_logprobs[2].logprob
+        assert bytes(c.top_logprobs[1].bytes).decode("utf-8", "replace") == c.top_logprobs[1].token
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, temperature=0, logprobs=True)
+    assert [c.top_logprobs for c in r.choices[0].logprobs.content] == [[], []]
+    assert client.chat.completions.create(model="tiny", messages=messages, max_tokens=2).choices[0].logprobs is None
+
+
+def test_streamed_logprobs_match_the_whole_response(client):
+    kw = dict(model="tiny", prompt=PROMPTS[6], max_tokens=6, temperature=0, logprobs=2, echo=True)
+    whole = client.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert chunks[0].text == PROMPTS[6] and "".join(c.text for c in chunks) == whole.text
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert sum((getattr(c.logprobs, key) for c in chunks if c.logprobs), []) == getattr(whole.logprobs, key)
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Stream"}], max_tokens=5, temperature=0,
+              logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**kw).choices[0].logprobs.content
+    chunks = [c.choices[0] for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+    assert sum((c.logprobs.content for c in chunks if c.logprobs), []) == whole
+
+
+def test_concurrent_scoring_and_generation_match_their_solo_answers(servers):
+    """Echo scoring (max_tokens 0 and 1), generation with logprobs and plain generation from 12 clients at once:
+    admitted mid-decode, batched together, each answer as it is alone."""
+    client = servers["main"].client()
+    jobs = [dict(prompt=PROMPTS[i % len(PROMPTS)], max_tokens=(0, 1, 6, 9)[i % 4], echo=i % 4 < 2,
+                 logprobs=(3, 1, 2, None)[i % 4], temperature=0) for i in range(12)]
+    alone = [client.completions.create(model="tiny", **job).choices[0] for job in jobs]
+    results, errors = [None] * len(jobs), []
+
+    def run(i):
+        try:
+            results[i] = client.completions.create(model="tiny", **jobs[i]).choices[0]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"{i}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    for got, solo in zip(results, alone):
+        assert got.text == solo.text and got.finish_reason == solo.finish_reason
+        if solo.logprobs is None:
+            assert got.logprobs is None
+            continue
+        assert got.logprobs.tokens == solo.logprobs.tokens
+        assert [x is None for x in got.logprobs.token_logprobs] == [x is None for x in solo.logprobs.token_logprobs]
+        assert [x for x in got.logprobs.token_logprobs if x is not None] == pytest.approx(
+            [x for x in solo.logprobs.token_logprobs if x is not None], abs=1e-4)
+
+
+UNSUPPORTED = {"logit_bias": {"50256": -100}, "presence_penalty": 0.5, "frequency_penalty": 1.0, "best_of": 3,
+               "suffix": " end", "tools": [{"type": "function", "function": {"name": "f"}}],
+               "tool_choice": "required", "functions": [{"name": "f"}], "function_call": {"name": "f"},
+               "response_format": {"type": "json_object"}, "store": True, "service_tier": "flex",
+               "repetition_penalty": 1.2, "max_completion_tokens": 4, "nonsense": 1}
+ASKING_FOR_NOTHING = {"logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0, "best_of": 1, "suffix": None,
+                      "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "store": False,
+                      "user": "someone", "metadata": {"run": "1"}, "parallel_tool_calls": True}
+
+
+def test_unsupported_parameters_are_refused_by_name(servers, client):
+    url, auth = servers["main"].url, {"Authorization": f"Bearer {KEY}"}
+    post = lambda path, **body: httpx.post(f"{url}/v1/{path}", headers=auth, json=body, timeout=30)  # noqa: E731
+    for key, value in UNSUPPORTED.items():
+        error = _error(post("completions", model="tiny", prompt="x", max_tokens=1, **{key: value}), 400, param=key,
+                       code="unsupported_parameter")
+        assert f"unsupported parameter '{key}'" in error["message"]
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    for key, value in {"echo": True, "logprobs": 3, **UNSUPPORTED}.items():
+        if key != "max_completion_tokens":
+            _error(post("chat/completions", **chat, **{key: value}), 400, param=key)
+    assert post("completions", model="tiny", prompt="x", max_tokens=1, **ASKING_FOR_NOTHING).status_code == 200
+    assert post("chat/completions", **chat, **ASKING_FOR_NOTHING).status_code == 200
+    assert post("completions", model="tiny", prompt="x", max_tokens=1, n=2, best_of=2).status_code == 200
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", logit_bias={"50256": -100})
+    assert e.value.body["param"] == "logit_bias" and "unsupported parameter 'logit_bias'" in e.value.body["message"]
+
+
+def test_logprob_parameters_are_type_checked(servers):
+    url, auth = servers["main"].url, {"Authorization": f"Bearer {KEY}"}
+    post = lambda path, **body: httpx.post(f"{url}/v1/{path}", headers=auth, json=body, timeout=30)  # noqa: E731
+    for bad in ("yes", 21, -1, True, 1.5):
+        _error(post("completions", model="tiny", prompt="x", logprobs=bad), 400, param="logprobs")
+    _error(post("completions", model="tiny", prompt="x", echo="yes"), 400, param="echo")
+    _error(post("completions", model="tiny", prompt="x", max_tokens=0), 400, param="max_tokens")  # 0: echo only
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    _error(post("chat/completions", **chat, logprobs="yes"), 400, param="logprobs")
+    _error(post("chat/completions", **chat, top_logprobs=2), 400, param="top_logprobs")  # without logprobs: true
+    _error(post("chat/completions", **chat, logprobs=False, top_logprobs=2), 400, param="top_logprobs")
+    _error(post("chat/completions", **chat, logprobs=True, top_logprobs=21), 400, param="top_logprobs")
+    _error(post("chat/completions", **{**chat, "max_tokens": 0}), 400, param="max_tokens")
+    ok = post("completions", model="tiny", prompt="x", logprobs=None, echo=None, max_tokens=1)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["logprobs"] is None
+
+
+def test_model_by_id(servers, client):
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("no-such-model")
+    assert e.value.body["code"] == "model_not_found"
+    _error(httpx.get(f"{servers['main'].url}/v1/models/tiny", timeout=30), 401)
+    assert servers["front"].client().models.retrieve("remote").id == "remote"  # an upstream model
+    _error(httpx.get(f"{servers['front'].url}/v1/models/org/no-such-model", timeout=30), 404, code="model_not_found")
+
+
+def test_tokenize_and_detokenize(servers):
+    url, auth = servers["main"].url, {"Authorization": f"Bearer {KEY}"}
+    post = lambda path, **body: httpx.post(f"{url}/{path}", headers=auth, json=body, timeout=30)  # noqa: E731
+    text = "Héllo wörld 🙂\n<|endoftext|>naïve"
+    r = post("tokenize", prompt=text, add_special_tokens=False).json()
+    assert r == {"count": len(ENC.encode(text, allowed_special="all")), "max_model_len": 512,
+                 "tokens": ENC.encode(text, allowed_special="all")}
+    assert post("detokenize", tokens=r["tokens"]).json() == {"prompt": text}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert post("tokenize", model="tiny", messages=messages).json()["tokens"] == chat_ids(messages)
+    info = httpx.get(f"{url}/tokenizer_info", headers=auth, timeout=30).json()
+    assert info["eos_token"] == "<|endoftext|>" and info["bos_token"] is None and info["model_max_length"] == 512
+    _error(post("tokenize", prompt=3), 400, param="prompt")
+    _error(post("tokenize", prompt="x", messages=messages), 400)
+    _error(post("tokenize", prompt="x", truncate=True), 400, param="truncate", code="unsupported_parameter")
+    _error(post("detokenize", tokens=[10**9]), 400, param="tokens")
+    _error(post("tokenize", model="nope", prompt="x"), 404, code="model_not_found")
+    _error(httpx.post(f"{url}/tokenize", json={"prompt": "x"}, timeout=30), 401)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # bad input and auth
 
 
