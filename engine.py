@@ -14,6 +14,7 @@ stay aligned at their newest token and decode in lockstep. New rows are prefille
 clock; a decode step writes column col for every row, then col += 1. Sliding-window layers keep a ring buffer
 of the last `window` columns (column c in slot c % window), so their memory stays flat however long a row runs.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -260,12 +261,34 @@ def prepare_for_decoding(model):
 # the sampler: every row with its own settings, in one batched pass
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy: logits / 1e-40 overflow float32 and sample garbage
+
+
 @dataclass
 class Sampling:
     """A row's sampling settings: temperature 0 is greedy; top_k / top_p None are off."""
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+
+
+def sampling(temperature=1.0, top_k=None, top_p=None):
+    """Sampling settings checked by the one rule every entry point applies (sample.py, its interactive commands,
+    serve.py, GPT.generate): finite numbers; temperature >= 0, greedy (0) below GREEDY_BELOW; top_k an integer >= 0
+    (0 or None: off); top_p in (0, 1] (1 or None: off). A bad value is a ValueError naming it and the rule."""
+    def number(name, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        return value
+    temperature = number("temperature", temperature)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if top_p is not None and not 0 < number("top_p", top_p) <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    return Sampling(0.0 if temperature < GREEDY_BELOW else float(temperature), top_k or None,
+                    None if top_p is None or top_p >= 1 else float(top_p))
 
 
 def uniforms(n, generator=None, device="cpu"):
@@ -278,7 +301,7 @@ def sample(logits, rows, u):
     distribution softmax(logits / temperature), cut to the top_k likeliest tokens, then to the nucleus (tokens whose
     preceding mass is at most top_p); the token where its CDF passes u[b] * total. Temperature 0: the argmax.
     u: (B,) uniforms, one per row (see uniforms), so a row's draw does not depend on the others in the batch."""
-    temps = [r.temperature for r in rows]
+    temps = [0.0 if r.temperature < GREEDY_BELOW else r.temperature for r in rows]
     if all(t == 0 for t in temps):
         return logits.argmax(dim=-1).tolist()
     B, V = logits.shape
@@ -452,10 +475,10 @@ def generate_stream(model, prompts, max_new_tokens, temperature=1.0, top_k=None,
                          f"model's block_size {model.config.block_size}")
     if max_new_tokens <= 0:
         return
+    rows = [sampling(temperature, top_k, top_p)] * len(prompts)
     prepare_for_decoding(model)
     cache = KVCache(model, len(prompts), longest + max_new_tokens, static=hasattr(model, "compiled_decode"))
     logits = prefill(model, cache, prompts, need=max_new_tokens)
-    rows = [Sampling(temperature, top_k or None, top_p)] * len(prompts)
     stop_tokens, running = set(stop_tokens), [True] * len(prompts)
     for step in range(max_new_tokens):
         u = uniforms(len(prompts), generator, "cpu" if generator is None else generator.device)
