@@ -32,6 +32,18 @@ base that was retrained or replaced since is an error, not a silently different 
 
 config.json records every file's size, so a truncated file is caught before use; errors are raised as
 CheckpointError with one line naming the file.
+
+Sharded checkpoints (train.py with parallel='fsdp', save_sharded): ckpt/ holds config.json (with "sharded") and
+meta.json as above, and instead of model.safetensors and train_state.pt a folder state/ that
+torch.distributed.checkpoint (DCP) writes, each process its own file of its shards of the weights
+("model.<name>") and of the AdamW state ("optim.<name>.exp_avg", ...), keyed by parameter name. DCP's default
+FileSystemWriter would keep the index in a pickle (.metadata, read back with pickle.load); its Hugging Face
+storage writer writes safetensors files whose JSON headers say where each shard sits in its tensor, so loading
+unpickles nothing, as for every other file here. The save is the same swap: every process writes into
+ckpt.tmp/state/ and fsyncs; after a barrier rank 0 writes meta.json and config.json (the commit: it lists every
+file and its size) and renames. DCP reads any number of shards into any other sharding (resume on more or fewer
+processes) or into whole tensors on one process without a process group (load_model, export, eval; a DDP run
+resuming an FSDP checkpoint), and an FSDP run resumes a DDP checkpoint (load_optimizers).
 """
 import json
 import math
@@ -50,6 +62,7 @@ from tokenizer import read_meta
 FORMAT = "nanoforge"
 CKPT, TMP, OLD = "ckpt", "ckpt.tmp", "ckpt.old"
 CONFIG, WEIGHTS, META, TRAIN_STATE = "config.json", "model.safetensors", "meta.json", "train_state.pt"
+STATE = "state"  # a sharded checkpoint's folder of DCP safetensors files
 PUBLISHED = (CONFIG, WEIGHTS, META)  # what out_dir itself shows
 
 
@@ -119,19 +132,28 @@ def _why(error, out):
 
 
 def _save(out, model, info, meta, train_state):
-    tmp, cur, old = out / TMP, out / CKPT, out / OLD
+    tmp = out / TMP
     tmp.mkdir()
     if info.get("base"):  # adapter-only: the frozen weights are the base's (see load_base)
         save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if "lora" in n}, tmp / WEIGHTS)
     else:
         save_safetensors(model, str(tmp / WEIGHTS))
-    _write_json(tmp / META, meta)
     if train_state is not None:
         torch.save(train_state, tmp / TRAIN_STATE)
-    files = sorted(p.name for p in tmp.iterdir())
+    return _commit(out, model.config, info, meta)
+
+
+def _commit(out, model_config, info, meta):
+    """ckpt.tmp/ holds the new checkpoint's files: add meta.json, fsync them all, write config.json (the list of
+    files and their sizes), fsync, and swap ckpt.tmp/ in for ckpt/."""
+    tmp, cur, old = out / TMP, out / CKPT, out / OLD
+    _write_json(tmp / META, meta)
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     for name in files:
         _fsync(tmp / name)
-    config = {"format": FORMAT, "model_config": model.config.to_dict(), **info,
+    for folder in sorted({(tmp / name).parent for name in files} - {tmp}):
+        _fsync(folder)
+    config = {"format": FORMAT, "model_config": model_config.to_dict(), **info,
               "files": {name: (tmp / name).stat().st_size for name in files}}
     _write_json(tmp / CONFIG, config)
     _fsync(tmp / CONFIG)
@@ -147,8 +169,12 @@ def _save(out, model, info, meta, train_state):
 
 
 def _publish(out, cur):
-    """out_dir/{config.json, model.safetensors, meta.json}: hard links to the new checkpoint's files."""
+    """out_dir/{config.json, model.safetensors, meta.json}: hard links to the new checkpoint's files (a sharded
+    checkpoint has no model.safetensors: an earlier one's link goes)."""
     for name in PUBLISHED:
+        if not (cur / name).is_file():
+            (out / name).unlink(missing_ok=True)
+            continue
         tmp = out / f".{name}.tmp"
         tmp.unlink(missing_ok=True)
         try:
@@ -182,7 +208,7 @@ def find(path):
     for candidate in (path / CKPT, path / OLD):
         if candidate.is_dir():
             return candidate
-    if (path / CONFIG).is_file() and (path / WEIGHTS).is_file() and _is_ours(path):
+    if (path / CONFIG).is_file() and ((path / WEIGHTS).is_file() or (path / STATE).is_dir()) and _is_ours(path):
         return path
     return None
 
@@ -219,7 +245,9 @@ def model_config(info, **overrides):
 
 
 def load_weights(model, info, device="cpu"):
-    """Load model.safetensors into `model`, which must be built from model_config(info)."""
+    """Load model.safetensors (or a sharded checkpoint's weights) into `model`, built from model_config(info)."""
+    if is_sharded(info):
+        return load_sharded_weights(model, info)
     path = Path(info["dir"]) / WEIGHTS
     try:
         load_safetensors_into(model, str(path), strict=True, device=str(device))
@@ -288,13 +316,15 @@ def _changed(now, then):
 
 
 def _load_adapters(model, info):
+    if is_sharded(info):
+        return load_sharded_weights(model, info, adapters_only=True)
+    params = dict(model.named_parameters())
+    expected = {n for n in params if "lora" in n}
     path = Path(info["dir"]) / WEIGHTS
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is corrupt or truncated ({e})") from None
-    params = dict(model.named_parameters())
-    expected = {n for n in params if "lora" in n}
     if tensors.keys() != expected or any(tensors[n].shape != params[n].shape for n in expected):
         raise CheckpointError(f"{path} does not hold the adapters {CONFIG} describes (lora_rank, lora_targets)")
     with torch.no_grad():
@@ -505,17 +535,29 @@ def init_model(config, meta, planned, device="cpu", verbose=True):
         model, start = _resume(config, meta, verbose)
     else:
         model, start = _pretrained(config, meta, planned, device, verbose)
-    dataset, vocab_size, block_size = config["dataset"], model.config.vocab_size, model.config.block_size
+    check_fits(config, meta, model.config)
+    base_dtype = getattr(torch, config["base_dtype"])
+    return prepare_for_training(model, base_dtype, config["gradient_checkpointing"]).to(device), start
+
+
+def check_fits(config, meta, model_config):
+    """The dataset's tokens and the training context must fit the model."""
+    dataset, vocab_size, block_size = config["dataset"], model_config.vocab_size, model_config.block_size
     if meta["vocab_size"] > vocab_size:
         raise CheckpointError(f"vocab mismatch: dataset {dataset!r} has {meta['vocab_size']} tokens, the model only "
                               f"{vocab_size}")
     if config["block_size"] > block_size:
         raise CheckpointError(f"block_size {config['block_size']} is longer than the model's block_size {block_size}")
-    base_dtype = getattr(torch, config["base_dtype"])
-    return prepare_for_training(model, base_dtype, config["gradient_checkpointing"]).to(device), start
 
 
 def _resume(config, meta, verbose):
+    info, overrides, start = resume_point(config, meta, verbose)
+    return build_model(info, **overrides), start  # built on the meta device and filled: no random init to overwrite
+
+
+def resume_point(config, meta, verbose=True):
+    """A resume's checks against this config and dataset, without loading weights: (the checkpoint's info, the
+    GPTConfig overrides the model is built with, Start)."""
     out_dir, dataset = config["out_dir"], config["dataset"]
     if verbose:
         print(f"Resuming training from {out_dir}")
@@ -536,9 +578,8 @@ def _resume(config, meta, verbose):
             raise CheckpointError(f"architecture mismatch: the checkpoint in {out_dir} has {', '.join(diff)}: resume "
                                   f"with the settings it was trained with")
         overrides = {"dropout": asked.dropout}
-    model = build_model(info, **overrides)  # built on the meta device and filled: no random init to overwrite
     best = info["best_val_loss"] if info["best_val_loss"] is not None else math.inf
-    return model, Start(info["iter_num"], best, info["seed"], origin, info.get("base"), info)
+    return info, overrides, Start(info["iter_num"], best, info["seed"], origin, info.get("base"), info)
 
 
 def _pretrained(config, meta, planned, device, verbose):
@@ -579,17 +620,182 @@ def check_init_vocab(init_from, meta, dataset, planned):
                               f"{meta['tokenizer']!r}: pick a dataset tokenized with {want!r}")
 
 
-def load_optimizers(info, out_dir, optimizer, optimizers, scaler, device="cpu"):
+def load_optimizers(info, out_dir, optimizer, optimizers, scaler, device="cpu", model=None):
     """Resume: the optimizer(s) and grad scaler as the checkpoint `info` in out_dir left them, for the same
-    optimizer ('adamw' or 'muon')."""
+    optimizer ('adamw' or 'muon'). model: the model the optimizers train, needed when it or the checkpoint is
+    sharded (the state is then matched by parameter name)."""
     trained_with = info["train_config"].get("optimizer")
     if trained_with != optimizer:
         raise CheckpointError(f"the checkpoint in {out_dir} was trained with optimizer={trained_with!r}, this run "
                               f"asks {optimizer!r}: resume with the same optimizer")
+    if is_sharded(info):
+        return load_sharded_optimizers(info, model, optimizers)
     state = load_train_state(info, device)
     try:
-        for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(opt_state)
+        if is_fsdp(model):  # a DDP or single-process checkpoint: each process keeps its shards of the whole state
+            load_whole_optimizers(model, optimizers, state["optimizers"])
+        else:
+            for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
+                opt.load_state_dict(opt_state)
         scaler.load_state_dict(state["scaler"])
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{info['dir']}/{TRAIN_STATE} does not fit this model and optimizer ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sharded checkpoints: train.py with parallel='fsdp' (see the top of this file)
+
+
+def is_sharded(info):
+    return "sharded" in info
+
+
+def is_fsdp(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def _stored(model, name, adapters_only=False):
+    """Whether a sharded checkpoint holds weight `name`: a tied head is the embedding, stored once under its name;
+    an adapter-only checkpoint holds the adapters alone."""
+    if model.config.tie_embeddings and name == "lm_head.weight":
+        return False
+    return "lora" in name or not adapters_only
+
+
+def _optimizer_tensors(osd):
+    """{"optim.<name>.<key>": tensor} of get_optimizer_state_dict's {"state": {name: {key: tensor}}, ...}."""
+    return {f"optim.{name}.{k}": v for name, s in osd["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+
+
+def sharded_state(model, optimizers=(), adapters_only=False):
+    """{key: tensor} of what a sharded checkpoint holds: "model.<name>" for the weights, "optim.<name>.<key>" for the
+    optimizer state. Under FSDP the values are DTensors (this process's shards), else whole tensors; either way
+    the very tensors of the model and optimizers, which DCP reads into in place."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    state = {f"model.{k}": v for k, v in get_model_state_dict(model).items() if _stored(model, k, adapters_only)}
+    if optimizers:
+        state.update(_optimizer_tensors(get_optimizer_state_dict(model, list(optimizers))))
+    return state
+
+
+def _hyperparameters(group):
+    """An optimizer param group's settings (betas, weight_decay, ...) as JSON: config.json keeps them."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in group.items()
+            if k != "params" and (v is None or isinstance(v, (bool, int, float, str, tuple)))}
+
+
+def save_sharded(out_dir, model, optimizers, info, meta):
+    """Write a sharded checkpoint of an FSDP model and its optimizers into out_dir/ckpt; collective: every process
+    calls it. Each process writes its shards with DCP into ckpt.tmp/state/ and fsyncs them; after a barrier
+    rank 0 writes meta.json and config.json and swaps ckpt.tmp/ in, as save() does. A failed write on any process
+    (a full disk) raises CheckpointError on all of them and leaves the previous checkpoint as it was."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter, save as dcp_save
+    out, rank0 = Path(out_dir), dist.get_rank() == 0
+    tmp = out / TMP
+
+    def on_rank0(step):  # rank 0 alone touches the folders; every process learns whether it worked
+        error = None
+        if rank0:
+            try:
+                step()
+            except (OSError, RuntimeError, SafetensorError) as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = _why(e, out)
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def start():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way
+        (tmp / STATE).mkdir(parents=True)
+
+    error = on_rank0(start)
+    if error is None:
+        try:  # DCP raises on every process when one of them failed
+            dcp_save(sharded_state(model, optimizers, bool(info.get("base"))),
+                     storage_writer=HuggingFaceStorageWriter(str(tmp / STATE), save_distributed=True))
+        except Exception as e:
+            error = _why(e, out)
+            if rank0:
+                shutil.rmtree(tmp, ignore_errors=True)
+    if error is None:
+        dist.barrier()  # every process has written and fsynced its files: only now may rank 0 commit
+        sharded = {"processes": dist.get_world_size(),
+                   "optimizer_groups": [[_hyperparameters(g) for g in opt.param_groups] for opt in optimizers]}
+        error = on_rank0(lambda: _commit(out, model.config, {**info, "sharded": sharded}, meta))
+        if error is None:
+            cur = out / CKPT
+            error = on_rank0(lambda: _publish(out, cur))
+            if error is not None:
+                raise CheckpointError(f"saved {cur}, but could not update the links to it in {out} ({error})")
+            return cur
+    raise CheckpointError(f"could not write a checkpoint to {out} ({error})")
+
+
+def _read_state(info, template, what):
+    """Fill `template` ({key: tensor}, sharded_state's keys) from a sharded checkpoint, in place: DTensors get the
+    slices of their shards (collective: every process calls it), whole tensors are read whole, on one process
+    without any process group. Nothing is unpickled: safetensors files, JSON headers."""
+    import warnings
+    from torch.distributed.checkpoint import HuggingFaceStorageReader, load as dcp_load
+    from torch.distributed.tensor import DTensor
+    path = Path(info["dir"]) / STATE
+    distributed = any(isinstance(v, DTensor) for v in template.values())
+    try:
+        with warnings.catch_warnings():  # no_dist: DCP warns that it assumes a single process, which it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp_load(template, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=not distributed)
+    except Exception as e:  # DCP raises several kinds (a missing key, a truncated file: CheckpointException)
+        detail = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{path} does not hold {what} ({type(e).__name__}: {detail})") from None
+
+
+def _stored_names(info, prefix):
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    keys = HuggingFaceStorageReader(str(Path(info["dir"]) / STATE)).read_metadata().state_dict_metadata
+    return {k[len(prefix):] for k in keys if k.startswith(prefix)}
+
+
+def load_sharded_weights(model, info, adapters_only=False):
+    """A sharded checkpoint's weights (or only its adapters) into `model`, whole or FSDP-sharded, which must be
+    built from model_config(info)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    state = get_model_state_dict(model) if is_fsdp(model) else model.state_dict()
+    template = {f"model.{k}": v for k, v in state.items() if _stored(model, k, adapters_only)}
+    stored = _stored_names(info, "model.")
+    wanted = {k[len("model."):] for k in template}
+    if stored != wanted:
+        odd = sorted(stored ^ wanted)[:3]
+        raise CheckpointError(f"{Path(info['dir']) / STATE} does not match the architecture in {CONFIG} "
+                              f"({', '.join(odd)} ...)")
+    _read_state(info, template, "these weights")
+    return model
+
+
+def load_sharded_optimizers(info, model, optimizers):
+    """A sharded checkpoint's optimizer state into `optimizers` of `model` (FSDP or not), matched by parameter
+    name, and the param groups' settings."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    osd = get_optimizer_state_dict(model, list(optimizers))  # (an optimizer that has not stepped gets its state)
+    _read_state(info, _optimizer_tensors(osd), "this model's optimizer state")  # in place, into osd's tensors
+    set_optimizer_state_dict(model, list(optimizers), osd)
+    saved = info["sharded"].get("optimizer_groups", [])
+    for opt, groups in zip(optimizers, saved):
+        for group, settings in zip(opt.param_groups, groups):
+            group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v
+                          for k, v in settings.items() if k in group})
+
+
+def load_whole_optimizers(model, optimizers, states):
+    """Optimizer state dicts of a DDP or single-process run (whole tensors keyed by position) into the optimizers
+    of an FSDP model: matched by parameter name, and each process keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = {id(p): n for n, p in model.named_parameters()}
+    for opt, saved in zip(optimizers, states, strict=True):
+        order = [names[id(p)] for group in opt.param_groups for p in group["params"]]
+        named = {"state": {order[i]: s for i, s in saved["state"].items()},
+                 "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
+        set_optimizer_state_dict(model, opt, named, options=StateDictOptions(full_state_dict=True))

@@ -11,6 +11,9 @@ $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=123.456.123
 - on the worker node:
 $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=123.456.123.456 --master_port=1234 train.py
 (If your cluster does not have Infiniband interconnect prepend NCCL_IB_DISABLE=1)
+Models larger than one GPU: --parallel=fsdp shards the weights, gradients and optimizer state over the processes
+(fsdp.py; checkpoints sharded with torch.distributed.checkpoint, see checkpoint.py), e.g. on 2 nodes of 8 GPUs:
+$ torchrun --nproc_per_node=8 --nnodes=2 --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT train.py config/... --parallel=fsdp
 
 A run is a function of its config and seed alone: each global batch (every micro-step of every rank) is drawn
 from one generator seeded by (seed, iteration) and each rank trains on its slice, and dropout is reseeded from
@@ -37,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import devices
+import fsdp
 import lossplot
 from configurator import apply_overrides
 from dataset import DatasetError, open_dataset
@@ -90,6 +94,7 @@ lr_decay_iters = 600000  # should be ~= max_iters per Chinchilla
 min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
 # system
 backend = 'auto'  # DDP backend: 'nccl' on GPUs, 'gloo' on CPU; 'auto' picks
+parallel = 'ddp'  # under torchrun: 'ddp' (a whole copy of the model per process) or 'fsdp' (sharded: see fsdp.py)
 device = 'auto'  # 'cpu', 'cuda', 'cuda:1', 'mps', or 'auto': cuda when there is one, else mps, else cpu (devices.py)
 dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' (with a GradScaler); 'auto': bf16 or fp16 on GPUs, fp32 on CPU
 compile = True  # use PyTorch 2.0 to compile the model to be faster
@@ -98,6 +103,7 @@ base_dtype = 'float32'  # LoRA: dtype of the frozen base weights; 'bfloat16' hal
 save_base_weights = False  # LoRA: checkpoints hold the adapters and name their base; True: the whole model too
                            # (chosen when a run starts; a resume keeps the kind its checkpoint has)
 estimate_only = False  # print this run's memory estimate and exit: from the config alone, no data or weights loaded
+estimate_world_size = 0  # parallel='fsdp': the number of processes the estimate plans for (0: this run's)
 seed = 1337
 # lm-evaluation-harness tasks on the final model (eval.py; pip install -r requirements-eval.txt); '' = off
 eval_tasks = ''  # comma-separated task names, e.g. 'hellaswag,lambada_openai'; results in out_dir/eval_results.json
@@ -110,9 +116,10 @@ config = apply_overrides(globals(), sys.argv[1:], allowed_keys=config_keys)  # o
 # testing aid: NANOFORGE_TEST_NAN_AT=k makes the loss of iteration k NaN, to exercise the non-finite-loss stop
 _nan_at = int(os.environ.get('NANOFORGE_TEST_NAN_AT', -1))
 
-ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
+ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run? (a torchrun run: DDP, or FSDP if sharded)
 rank = int(os.environ.get('RANK', 0))
 master_process = rank == 0  # this process will do logging, checkpointing etc.
+sharded = ddp and parallel == 'fsdp'  # FSDP: every process holds a shard of the model; all of them save
 
 
 def fail(message):
@@ -159,6 +166,10 @@ if base_ptdtype != torch.float32 and ptdtype == torch.float32:  # float32 activa
 ctx = devices.autocast(device, ptdtype)  # a no-op in float32
 if optimizer not in ('adamw', 'muon'):
     fail(f"optimizer {optimizer!r} is not one of adamw, muon")
+if parallel not in ('ddp', 'fsdp'):
+    fail(f"parallel {parallel!r} is not one of ddp, fsdp")
+if parallel == 'fsdp' and fsdp.unsupported(optimizer, ptdtype):
+    fail(fsdp.unsupported(optimizer, ptdtype))
 if eval_tasks and master_process and not estimate_only:  # before training: a typo must not cost the run's end
     try:
         check_tasks([t.strip() for t in eval_tasks.split(',') if t.strip()], eval_include_path)
@@ -207,6 +218,10 @@ def to_device(t):
 
 def print_memory_estimate(m):
     est = m.memory_estimate(batch_size, block_size, ptdtype, gradient_checkpointing, optimizer)
+    procs = estimate_world_size or world_size
+    fsdp_estimate = parallel == 'fsdp' and (sharded or estimate_world_size)
+    if fsdp_estimate:  # per process: sharded state plus the weights and gradients whole for a while
+        est = fsdp.memory_estimate(m, est, procs, gradient_accumulation_steps > procs, ptdtype)
     n_trained = sum(p.numel() for p in m.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in m.parameters())
     if m.config.lora_rank:
@@ -214,7 +229,8 @@ def print_memory_estimate(m):
     else:
         print(f"training all {n_all:,} parameters")
     human = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"  # noqa: E731
-    print(f"memory estimate (rough, per process): {', '.join(f'{k} {human(v)}' for k, v in est.items())}; "
+    how = f"fsdp over {procs} processes" if fsdp_estimate else "whole model"
+    print(f"memory estimate (rough, per process, {how}): {', '.join(f'{k} {human(v)}' for k, v in est.items())}; "
           f"total {human(sum(est.values()))} (micro-batch {batch_size} x {block_size} tokens, {dtype}, "
           f"gradient checkpointing {'on' if gradient_checkpointing else 'off'})")
 
@@ -237,7 +253,10 @@ if estimate_only:
     sys.exit(0)
 
 try:  # scratch, resume (checked against this config and dataset), or pretrained weights (+ LoRA adapters)
-    raw_model, start = checkpoint.init_model(config, meta, planned, device, verbose=master_process)
+    if sharded:  # built sharded over the processes: fsdp.py
+        raw_model, start = fsdp.init_model(config, meta, planned, device, ptdtype, verbose=master_process)
+    else:
+        raw_model, start = checkpoint.init_model(config, meta, planned, device, verbose=master_process)
 except (checkpoint.CheckpointError, TokenizerError) as e:  # e.g. a resume that does not fit this config
     fail(str(e))
 iter_num, best_val_loss, seed = start.iter_num, start.best_val_loss, start.seed  # seed: a resume's data and dropout
@@ -265,14 +284,14 @@ optimizers = make_optimizers(raw_model)
 scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))  # a no-op unless float16
 if start.info is not None:  # resume: the optimizer and scaler state the checkpoint holds
     try:
-        checkpoint.load_optimizers(start.info, out_dir, optimizer, optimizers, scaler, device)
+        checkpoint.load_optimizers(start.info, out_dir, optimizer, optimizers, scaler, device, raw_model)
     except checkpoint.CheckpointError as e:
         fail(str(e))
 
-# compile the model, then wrap it for DDP; eval and checkpoints use the unwrapped modules
-eval_model = torch.compile(raw_model) if compile else raw_model
+# compile the model, then wrap it for DDP; eval and checkpoints use the unwrapped modules (FSDP: compiled per block)
+eval_model = torch.compile(raw_model) if compile and not sharded else raw_model
 train_model = DDP(eval_model, device_ids=[local_rank] if device_type == 'cuda' else None,
-                  broadcast_buffers=False) if ddp else eval_model
+                  broadcast_buffers=False) if ddp and not sharded else eval_model
 devices.peak_flops(device, ptdtype)  # for MFU: measured (and cached) now on CPU, not inside a timed iteration
 
 # -----------------------------------------------------------------------------
@@ -285,13 +304,17 @@ def estimate_loss():
     and the training stream is untouched); the processes share the batches and average."""
     out = {}
     eval_model.eval()
+    # FSDP: every process runs as many forwards (each gathers weights); an uneven split repeats the last batch
+    end = -(-eval_iters // world_size) * world_size if sharded else eval_iters
+    rows = [min(r, eval_iters - 1) for r in range(rank, end, world_size)]
     for split_id, split in enumerate(['train', 'val']):
-        X, Y = get_batch(split, (seed, 1 + split_id), eval_iters, slice(rank, None, world_size))
+        X, Y = get_batch(split, (seed, 1 + split_id), eval_iters, rows)
         total = torch.zeros((), device=device)
         for k in range(X.size(0)):
             with ctx:
                 _, loss = eval_model(X[k], Y[k], return_logits=False)
-            total += loss.float()
+            if rank + k * world_size < eval_iters:
+                total += loss.float()
         if ddp:
             dist.all_reduce(total)
         out[split] = total.item() / eval_iters
@@ -333,12 +356,17 @@ def plot_losses():
 
 
 def save_checkpoint():
-    print(f"saving checkpoint to {out_dir}")
+    """Called by the master process, or under FSDP by every process (each writes its shards)."""
+    if master_process:
+        print(f"saving checkpoint to {out_dir}")
     info = dict(iter_num=iter_num, best_val_loss=best_val_loss if math.isfinite(best_val_loss) else None, seed=seed,
                 init_from=start.origin, train_config=config, **({'base': start.base_ref} if start.base_ref else {}))
-    state = dict(optimizers=[opt.state_dict() for opt in optimizers], scaler=scaler.state_dict())
     try:
-        checkpoint.save(out_dir, raw_model, info, meta, state)
+        if sharded:
+            checkpoint.save_sharded(out_dir, raw_model, optimizers, info, meta)
+        else:
+            state = dict(optimizers=[opt.state_dict() for opt in optimizers], scaler=scaler.state_dict())
+            checkpoint.save(out_dir, raw_model, info, meta, state)
     except checkpoint.CheckpointError as e:  # a full disk, a lost mount: stop rather than train on without a way back
         last = checkpoint.find(out_dir)
         kept = f"the last complete checkpoint is {last}" if last else "no checkpoint was saved before"
@@ -396,10 +424,10 @@ def request_stop(signum, frame):
 def stop_after_signal(signum):
     """Save the state after the finished iteration (resume continues exactly from it) and exit 128 + signal."""
     name = signal.Signals(signum).name
+    saved = always_save_checkpoint and iter_num > start_iter
+    if saved and (master_process or sharded):
+        save_checkpoint()
     if master_process:
-        saved = always_save_checkpoint and iter_num > start_iter
-        if saved:
-            save_checkpoint()
         try:
             resume = f"--init_from=resume continues from iter {checkpoint.read(out_dir)['iter_num']}"
         except checkpoint.CheckpointError as e:
@@ -412,12 +440,12 @@ def stop_after_signal(signum):
     sys.exit(128 + signum)
 
 
-def run_eval_tasks():
+def run_eval_tasks(model):
     """lm-eval's eval_tasks on the final model (eval.py): the table, and out_dir/eval_results.json."""
     from lm_eval.utils import make_table
     tasks = [t.strip() for t in eval_tasks.split(',') if t.strip()]
     try:
-        results = evaluate(raw_model, load_tokenizer(meta), meta, tasks, limit=eval_limit, batch_size=batch_size,
+        results = evaluate(model, load_tokenizer(meta), meta, tasks, limit=eval_limit, batch_size=batch_size,
                            include_path=eval_include_path, seed=seed)
     except EvalError as e:
         fail(str(e))
@@ -471,7 +499,8 @@ while True:
         improved = losses['val'] < best_val_loss
         if improved:
             best_val_loss = losses['val']
-        if iter_num > start_iter and (improved or always_save_checkpoint) and master_process and not eval_only:
+        if iter_num > start_iter and (improved or always_save_checkpoint) and (master_process or sharded) \
+                and not eval_only:
             save_checkpoint()
         t0 = time.time()  # evaluation and saving are not iteration time
     if eval_only or iter_num >= max_iters:
@@ -482,7 +511,9 @@ while True:
     X, Y = get_batch('train', (seed, 0, iter_num), gradient_accumulation_steps, micro_steps)
     step_loss = torch.zeros((), device=device)
     for micro_step in range(local_steps):
-        if ddp:
+        if sharded:  # FSDP: likewise, reduce-scatter the gradients only after the last micro step
+            train_model.set_requires_gradient_sync(micro_step == local_steps - 1)
+        elif ddp:
             # in DDP training we only need to sync gradients at the last micro step.
             train_model.require_backward_grad_sync = (micro_step == local_steps - 1)
         with ctx:
@@ -506,6 +537,8 @@ while True:
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     window_loss += step_loss
+    if sharded and local_iter_num == 0:  # the optimizer state exists now: what this process holds of the whole
+        print(fsdp.share_report(rank, raw_model, optimizers))
 
     # timing and logging
     t1 = time.time()
@@ -537,6 +570,8 @@ while True:
     if signum:
         stop_after_signal(signum)
 
-if eval_tasks and master_process and not eval_only:
-    run_eval_tasks()
+if eval_tasks and not eval_only:
+    final_model = fsdp.gather(raw_model) if sharded else raw_model  # FSDP: rank 0 evaluates the whole model
+    if master_process:
+        run_eval_tasks(final_model.to(device))
 finish()

@@ -132,3 +132,42 @@ def test_train_py_bf16_compiled_on_cuda(shakespeare_char, tmp_path):
     losses = [float(line.split("loss ")[1].split(",")[0]) for line in result.stdout.splitlines()
               if line.startswith("iter ")]
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_train_py_fsdp_nccl_bf16_mixed_precision(shakespeare_char, tmp_path):
+    """--parallel=fsdp on the GPUs (2 processes, or 1 on a one-GPU machine) with NCCL: bf16 MixedPrecisionPolicy
+    (weights gathered and computed in bf16, gradients reduce-scattered in float32 onto float32 shards), compiled
+    blocks, gradient checkpointing, a sharded checkpoint and its resume. The losses follow a single-GPU bf16 run's
+    to bf16 precision, and fall."""
+    import json
+    import subprocess
+    import sys
+
+    import checkpoint
+    from conftest import REPO
+    nproc = min(2, torch.cuda.device_count())
+    args = [a for a in TINY if not a.startswith(("--device", "--compile", "--gradient_accumulation_steps"))]
+    common = [*args, "--device=cuda", "--dtype=bfloat16", f"--dataset={shakespeare_char}", "--eval_interval=30",
+              "--eval_iters=8", "--lr_decay_iters=60", "--gradient_accumulation_steps=4", "--batch_size=4"]
+    one, sharded = tmp_path / "one", tmp_path / "fsdp"
+    result = run_script("train.py", *common, "--compile=False", "--max_iters=60", f"--out_dir={one}", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                str(REPO / "train.py"), *common, "--parallel=fsdp", "--compile=True", "--gradient_checkpointing=True",
+                f"--out_dir={sharded}"]
+    for max_iters, resume in ((30, []), (60, ["--init_from=resume"])):
+        result = subprocess.run([*torchrun, f"--max_iters={max_iters}", *resume], capture_output=True, text=True,
+                                timeout=900)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"fsdp over {nproc} processes" in result.stdout and "bfloat16" in result.stdout
+
+    def evals(out):
+        return {r["iter"]: r["val_loss"] for r in map(json.loads, open(out / "history.jsonl")) if "val_loss" in r}
+    a, b = evals(one), evals(sharded)
+    assert sorted(a) == sorted(b) == [0, 30, 60]
+    assert all(abs(a[i] - b[i]) < 0.05 for i in a), (a, b)  # bf16: the same run to ~2 significant digits
+    assert b[60] < b[0] - 0.5
+    info = checkpoint.read(sharded)
+    assert info["sharded"]["processes"] == nproc and info["iter_num"] == 60
+    model, _ = checkpoint.load_model(sharded, device=CUDA, dtype=torch.bfloat16)  # one process, no process group
+    assert all(torch.isfinite(p).all() for p in model.parameters())
