@@ -20,16 +20,19 @@ __main__, this file reads sys.argv[1:] left to right:
 - `file.py` (no leading -): a Python config file, exec'd into the script's globals; looked up
   from the cwd, then from the script's folder. Like nanoGPT, a config file may set any name,
   but setting one that is not a config key prints a warning naming the closest key: that is
-  nearly always a typo which would otherwise silently do nothing.
+  nearly always a typo which would otherwise silently do nothing. A config key it sets must have its
+  default's type, as on the command line (a float key takes an int too, a tuple or list key either):
+  a value of another type is an error naming the key, the file and the type expected.
 - `--key=value`: overrides a config key, checked against the type of its current value:
     bool   True/False/true/false/1/0        int    an integer ("5000")
-    float  any int or float ("3", "1e-4")    str    taken literally
+    float  any finite int or float ("3", "1e-4"; never nan or inf)    str    taken literally
     None   a Python literal (ast.literal_eval), else the text itself
     tuple/list  a literal ("(0.9,0.95)", "0.9,0.95", "[1,2]"), converted to the default's type
 - `--help` / `-h`: print the config keys with their values (after any config files), exit 0.
 
-A mistake (unknown key, bad value, missing or broken config file) prints one line to stderr and
-exits with status 2 before the script does anything else, e.g.
+NaN and inf are never config values (not for float keys, nor inside a tuple, list or dict).
+A mistake (unknown key, bad value, missing or broken config file, a config file value of the wrong
+type) prints one line to stderr and exits with status 2 before the script does anything else, e.g.
     error: unknown config key 'lerning_rate' (did you mean: learning_rate?)
 
 The same logic can be imported; importing does not read sys.argv:
@@ -43,6 +46,7 @@ one, else its public int/float/bool/str/tuple/list/None values. apply_overrides 
 """
 import ast
 import difflib
+import math
 import os
 import runpy
 import sys
@@ -85,27 +89,67 @@ def _convert(kind, text):
         return None
 
 
+def _non_finite(value):
+    """Whether `value` is or holds (in a tuple, list or dict) a NaN or infinite float."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (tuple, list)):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    return False
+
+
+def _expected(default):
+    """What a key with this default takes, in words."""
+    if default is None:
+        return "a value without nan or inf"
+    if isinstance(default, bool):
+        return "bool (True/False/true/false/1/0)"
+    if isinstance(default, float):
+        return "a finite float"
+    if isinstance(default, (tuple, list)):
+        return "a tuple or list without nan or inf"
+    if isinstance(default, dict):
+        return "a dict without nan or inf"
+    return type(default).__name__
+
+
+def _typed(value, default):
+    """`value` (a Python object) as the type of `default`, or None when it does not have that type."""
+    if default is None:
+        return value
+    if isinstance(default, bool):  # before int: bool is a subclass of int
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):  # True is not a number here
+        return None
+    if isinstance(default, float):
+        try:
+            return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+        except OverflowError:  # an int past float's range
+            return None
+    if isinstance(default, (tuple, list)):
+        return type(default)(value) if isinstance(value, (tuple, list)) else None
+    return value if isinstance(value, type(default)) else None
+
+
 def _parse_value(key, text, default):
     """`text` as the type of `default`, or a one-line error naming what was expected."""
     if isinstance(default, str):
         return text
     if default is None:  # no type to check against
-        return _literal(text, fallback=text)
-    if isinstance(default, bool):  # before int: bool is a subclass of int
+        value = _literal(text, fallback=text)
+    elif isinstance(default, bool):  # before int: bool is a subclass of int
         value = _BOOLS.get(text)
     elif isinstance(default, int):
         value = _convert(int, text)
     elif isinstance(default, float):
         value = _convert(float, text)
-    elif isinstance(default, (tuple, list)):
-        value = _literal(text)
-        value = type(default)(value) if isinstance(value, (tuple, list)) else None
+        value = value if value is None or math.isfinite(value) else None
     else:
-        value = _literal(text)
-        value = value if isinstance(value, type(default)) else None
-    if value is None:
-        expected = "bool (True/False/true/false/1/0)" if isinstance(default, bool) else type(default).__name__
-        _fail(f"--{key} expects {expected}, got {text!r}")
+        value = _typed(_literal(text), default)
+    if value is None and default is not None or _non_finite(value):
+        _fail(f"--{key} expects {_expected(default)}, got {text!r}")
     return value
 
 
@@ -120,21 +164,34 @@ def _find_config_file(name, globals_dict):
     _fail(f"config file {name!r} not found")
 
 
-def _load_config_file(name, globals_dict, keys):
+def _load_config_file(name, globals_dict, keys, defaults):
     # runpy rather than exec(compile(...)): exec'd into a script, these functions see its globals,
     # where a config key may shadow a builtin (nanoGPT's `compile = True`)
     path = _find_config_file(name, globals_dict)
     try:
         result = runpy.run_path(path, init_globals=globals_dict)
-    except Exception as e:
-        _fail(f"config file {name!r} failed: {e.__class__.__name__}: {e}")
+    except Exception as e:  # the file's own error, whatever it is, in one line
+        _fail(f"config file {name!r} failed: {e.__class__.__name__}: {' '.join(str(e).split())[:300]}")
     changed = {k: v for k, v in result.items()
                if not k.startswith("__") and globals_dict.get(k, _MISSING) is not v}
     for k, v in changed.items():
         if k not in keys and not k.startswith("_") and isinstance(v, _CONFIG_TYPES):
             print(f"warning: {name} sets {k!r}, which is not a config key ({_did_you_mean(k, keys)})",
                   file=sys.stderr)
+        if k in keys:
+            changed[k] = _file_value(k, v, defaults.get(k), name)
     globals_dict.update(changed)
+
+
+def _file_value(key, value, default, name):
+    """A config file's value for `key`, checked against the type of the key's default like a command-line value."""
+    typed = _typed(value, default)
+    if typed is None and default is not None or _non_finite(typed):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        _fail(f"config file {name!r} sets {key} = {shown} ({type(value).__name__}): "
+              f"{key} expects {_expected(default)}")
+    return typed
 
 
 def _print_help(globals_dict, keys):
@@ -147,15 +204,16 @@ def _print_help(globals_dict, keys):
 def apply_overrides(globals_dict, argv, allowed_keys=None):
     """Apply config files and --key=value overrides in `argv` to `globals_dict`; return the config."""
     keys = _config_keys(globals_dict, allowed_keys)
+    defaults = {k: globals_dict.get(k) for k in keys}  # the types every value is checked against
     if "--help" in argv or "-h" in argv:
         for arg in argv:
             if not arg.startswith("-"):
-                _load_config_file(arg, globals_dict, keys)
+                _load_config_file(arg, globals_dict, keys, defaults)
         _print_help(globals_dict, keys)
         sys.exit(0)
     for arg in argv:
         if not arg.startswith("-"):
-            _load_config_file(arg, globals_dict, keys)
+            _load_config_file(arg, globals_dict, keys, defaults)
             continue
         if not arg.startswith("--"):
             _fail(f"unknown option {arg!r}: overrides are written --key=value")
@@ -164,7 +222,7 @@ def apply_overrides(globals_dict, argv, allowed_keys=None):
             _fail(f"unknown config key {key!r} ({_did_you_mean(key, keys)})")
         if not has_value:
             _fail(f"{arg!r} has no value: write --{key}=VALUE")
-        globals_dict[key] = _parse_value(key, text, globals_dict.get(key))
+        globals_dict[key] = _parse_value(key, text, defaults[key])
     return {k: globals_dict.get(k) for k in keys}
 
 

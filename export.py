@@ -24,17 +24,29 @@ and router are not nn.Linear modules in transformers: their adapters go to PEFT'
 PEFT needs the base model in Hugging Face form: for a run that started from another out_dir, export that
 base (merged) first and point base_model_name_or_path at it.
 
-Errors a user can cause (no checkpoint, no --export_dir, --adapter_only on a run without adapters) print
-one line and exit with status 1.
+The export is written into a fresh folder beside export_dir and renamed into place when it is complete, so a
+failure half-way leaves export_dir as it was, and no file is ever written through a link (a train.py out_dir's
+config.json, model.safetensors and meta.json are hard links into its checkpoint). export_dir may be new, an empty
+folder, or an earlier export (only export files: config.json and meta.json, or a PEFT adapter), replaced whole.
+Anything else (another run's out_dir or checkpoint, a dataset, a Hugging Face model folder, other files) is
+refused unless --overwrite=True; then the export's files are renamed in over their namesakes one by one (a
+checkpoint's ckpt/ is left as it is) and other files stay. The run's own out_dir is always refused.
+
+Errors a user can cause (no checkpoint or a corrupt one, no --export_dir, an export_dir that is a file, cannot be
+created, or holds what export.py did not write, --adapter_only on a run without adapters) print one line on
+stderr starting "error: " and exit with status 2.
 """
 import json
 import os
+import re
 import shutil
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import checkpoint
@@ -50,6 +62,7 @@ DEFAULTS = dict(
     adapter_only=False,    # True: the LoRA adapters alone, in PEFT's layout
     dtype='bfloat16',      # merged weights: bfloat16, float16 or float32
     max_shard_gb=5.0,      # merged weights: above this, several safetensors files and an index
+    overwrite=False,       # True: write into an export_dir that holds other things (see above)
 )
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model',
                    'chat_template.jinja', 'generation_config.json', 'vocab.json', 'merges.txt')
@@ -58,9 +71,92 @@ TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_ma
 PARAMETER_MODULES = {'mlp.experts': ('gate_up_proj', 'down_proj'), 'mlp.router': ('weight',)}
 
 
+# what an export folder holds: anything else in an existing export_dir means it is not (only) an earlier export
+EXPORT_FILES = {'config.json', 'model.safetensors', 'model.safetensors.index.json', checkpoint.META,
+                'adapter_config.json', 'adapter_model.safetensors', *TOKENIZER_FILES}
+SHARD = re.compile(r'model-\d+-of-\d+\.safetensors|\..*\.tmp')  # weight shards; hf.save_pretrained's temp files
+
+
 def fail(message):
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(2)
+
+
+def _reason(error):
+    return error.strerror or ' '.join(str(error).split()) or type(error).__name__
+
+
+def foreign_contents(folder):
+    """Why `folder` (an existing directory) is not an earlier export that may be replaced whole, or None."""
+    ckpt = checkpoint.find(folder)
+    if ckpt is not None or any((folder / d).is_dir() for d in (checkpoint.CKPT, checkpoint.TMP, checkpoint.OLD)):
+        return f"a train.py checkpoint ({ckpt or folder})"
+    names = sorted(os.listdir(folder))
+    for name in ('train.bin', 'val.bin', 'test.bin'):
+        if name in names:
+            return f"a dataset ({name})"
+    others = [f"{n} (a link)" if os.path.islink(folder / n) else f"{n}/" if (folder / n).is_dir() else n
+              for n in names if n not in EXPORT_FILES and not SHARD.fullmatch(n)
+              or not os.path.isfile(folder / n) or os.path.islink(folder / n)]
+    if others:
+        return f"files export.py does not write ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+    merged = {'config.json', checkpoint.META} <= set(names)
+    adapter = {'adapter_config.json', 'adapter_model.safetensors'} <= set(names)
+    if not (merged or adapter):
+        return f"{', '.join(names[:3])}, but not an export (no config.json with meta.json, nor a PEFT adapter)"
+    return None
+
+
+def check_export_dir(export_dir, out_dir, overwrite):
+    """The export's target (symlinks resolved) and how it is written: 'new' (missing or empty), 'replace' (an
+    earlier export) or 'merge' (--overwrite=True over anything else); or a one-line error."""
+    target = Path(export_dir).resolve()
+    blocker = next((p for p in (target, *target.parents) if os.path.lexists(p)), None)
+    if blocker == target and not target.is_dir():
+        fail(f"--export_dir {export_dir} is a file, not a folder: choose a folder to export into")
+    if blocker is not None and not blocker.is_dir():
+        fail(f"--export_dir {export_dir} cannot be created: {blocker} is a file, not a folder; choose another folder")
+    ckpt = checkpoint.find(out_dir)
+    if ckpt is not None and target in (Path(out_dir).resolve(), Path(ckpt).resolve()):
+        fail(f"--export_dir must not be the run's own out_dir {out_dir} (its checkpoint would be overwritten): "
+             f"choose another folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=f'.{target.name}.export-', dir=target.parent)  # can we write there?
+        os.rmdir(probe)
+    except OSError as e:
+        fail(f"--export_dir {export_dir} cannot be created ({_reason(e)}): choose a writable folder")
+    if not target.exists() or not os.listdir(target):
+        return target, 'new'
+    why = foreign_contents(target)
+    if why is None:
+        return target, 'replace'
+    if not overwrite:
+        fail(f"--export_dir {export_dir} holds {why}: choose a new or empty folder, or pass --overwrite=True to "
+             f"write the export's files over their namesakes there")
+    return target, 'merge'
+
+
+def publish(staging, target, mode):
+    """Move the finished export in `staging` to `target` (see check_export_dir for the modes)."""
+    if mode == 'new':
+        if target.exists():
+            os.rmdir(target)  # empty (checked); fails if something appeared meanwhile, and nothing is lost
+        os.rename(staging, target)
+    elif mode == 'replace':
+        old = Path(tempfile.mkdtemp(prefix=f'.{target.name}.old-', dir=target.parent))
+        os.rename(target, old / target.name)
+        os.rename(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:  # merge: renames replace links instead of writing through them; other files stay
+        names = set(os.listdir(staging))
+        for name in os.listdir(target):
+            if name not in names and (SHARD.fullmatch(name) or name in ('model.safetensors',
+                                                                        'model.safetensors.index.json')):
+                os.unlink(target / name)  # weights of another layout (hf.save_pretrained removes them likewise)
+        for name in sorted(names):
+            os.replace(staging / name, target / name)
+        os.rmdir(staging)
 
 
 def load_run(path):
@@ -69,10 +165,16 @@ def load_run(path):
     info = checkpoint.read(path)
     if info.get('base'):  # adapters only: the base is rebuilt in the dtype the run trained it in
         return checkpoint.build_model(info).eval(), info, checkpoint.load_meta(info)
+    weights = Path(info['dir']) / checkpoint.WEIGHTS
+    if not weights.is_file():  # a sharded checkpoint: checkpoint.py reads it
+        return checkpoint.build_model(info).eval(), info, checkpoint.load_meta(info)
     config = checkpoint.model_config(info)
     model = hf.empty_model(GPT, config, device='meta')  # no storage: load_state_dict(assign=True) brings it
-    weights = Path(info['dir']) / checkpoint.WEIGHTS
-    state = load_file(weights)
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise checkpoint.CheckpointError(f"{weights} is corrupt or truncated ({' '.join(str(e).split())[:200]}): "
+                                         f"restore it or retrain") from None
     if config.tie_embeddings:  # safetensors stores a tied tensor once, under one of its names
         shared = state.get('lm_head.weight', state.get('transformer.wte.weight'))
         if shared is not None:
@@ -99,8 +201,8 @@ def export_merged(model, meta, origin, export_dir, dtype, max_shard_bytes):
             weight.data = weight.data.float()  # merged in float32, rounded once when written in dtype
         model.merge_lora()
     model.save_pretrained(export_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
-    (Path(export_dir) / checkpoint.META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + '\n',
-                                                     encoding='utf-8')
+    checkpoint.write_text_atomic(Path(export_dir) / checkpoint.META,
+                                 json.dumps(meta, indent=2, ensure_ascii=False) + '\n')  # never through a link
     if not copy_tokenizer_files(origin, export_dir):
         try:
             write_tokenizer_files(meta, export_dir, model.config.block_size)
@@ -224,28 +326,34 @@ def main(argv):
         fail("pass --export_dir=DIR: where to write the export")
     dtype = devices.DTYPES.get(args['dtype'])
     if dtype is None:
-        fail(f"dtype {args['dtype']!r} is not one of {', '.join(devices.DTYPES)}")
-    if args['max_shard_gb'] <= 0:
-        fail(f"max_shard_gb must be positive, not {args['max_shard_gb']}")
-    if checkpoint.find(args['out_dir']) is not None and \
-            Path(args['export_dir']).resolve() in (Path(args['out_dir']).resolve(),
-                                                   Path(checkpoint.find(args['out_dir'])).resolve()):
-        fail("export_dir must not be the run's own out_dir (its config.json and weights would "
-             "be overwritten)")
+        fail(f"--dtype {args['dtype']!r} is not one of {', '.join(devices.DTYPES)}")
+    if not args['max_shard_gb'] > 0:
+        fail(f"--max_shard_gb must be positive, not {args['max_shard_gb']}")
+    target, mode = check_export_dir(args['export_dir'], args['out_dir'], args['overwrite'])
     try:
         model, info, meta = load_run(args['out_dir'])
     except (checkpoint.CheckpointError, TokenizerError) as e:
         fail(str(e))
+    except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError, RuntimeError) as e:  # a hand-edited
+        # config.json of the wrong shape
+        fail(f"the checkpoint in {args['out_dir']} is malformed ({type(e).__name__}: "
+             f"{' '.join(str(e).split())[:200]}): restore it or retrain")
     origin = info.get('init_from', 'scratch')
+    staging = Path(tempfile.mkdtemp(prefix=f'.{target.name}.export-', dir=target.parent))
     try:
         if args['adapter_only']:
-            files = export_adapter(model, origin, args['export_dir'])
+            files = export_adapter(model, origin, staging)
         else:
-            files = export_merged(model, meta, origin, args['export_dir'], dtype,
-                                  int(args['max_shard_gb'] * 2**30))
+            files = export_merged(model, meta, origin, staging, dtype, int(args['max_shard_gb'] * 2**30))
+        size = sum(os.path.getsize(staging / f) for f in files)
+        publish(staging, target, mode)
     except ValueError as e:  # an architecture the Hugging Face layout cannot express, a run without adapters
         fail(f"cannot export {args['out_dir']}: {e}")
-    size = sum(os.path.getsize(os.path.join(args['export_dir'], f)) for f in files)
+    except (OSError, SafetensorError) as e:  # a full disk: export_dir is as it was
+        fail(f"could not write the export to {args['export_dir']} ({_reason(e)}): it is as it was; free some space "
+             f"or choose another --export_dir")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     what = 'PEFT adapter' if args['adapter_only'] else f"merged {args['dtype']} model"
     print(f"wrote {what} to {args['export_dir']} ({size / 2**20:,.1f} MiB): {', '.join(files)}")
 

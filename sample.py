@@ -13,7 +13,14 @@ Interactive mode reads one prompt per line from stdin (type \\n for a newline in
 completion; lines starting with / change the settings without restarting (/help lists them); /quit or
 end of input (Ctrl-D) exits. Models fine-tuned on chat data (their meta.json names a chat_format) are
 prompted in that format: the line is the user's message, the reply ends at the format's stop token or
-string, and the conversation carries on until /reset.
+string, and the conversation carries on until /reset. A line that cannot be used (not UTF-8, a character the
+tokenizer lacks, a prompt that fills the context) is an error message and the session goes on, its conversation
+as it was.
+
+Sampling settings follow engine.sampling, the one rule every entry point applies: finite numbers, temperature >= 0
+(below engine.GREEDY_BELOW it is greedy), top_k >= 0, top_p in (0, 1]; num_samples and max_new_tokens are at
+least 1. A mistake in the settings or the prompt (a bad value, a FILE: prompt that is missing or not UTF-8, a
+missing or corrupt checkpoint) is one line on stderr starting "error: ", exit status 2.
 """
 import sys
 import time
@@ -50,28 +57,47 @@ apply_overrides(globals(), sys.argv[1:], allowed_keys=config_keys)  # overrides 
 
 
 def fail(message):
-    sys.exit(f"error: {message}")
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+SEEDS = (-2**63, 2**64 - 1)  # what torch.manual_seed takes
 
 
 def settings_error():
     """What is wrong with the sampling settings (they can change in interactive mode), or None."""
-    if temperature < 0:
-        return "temperature must be >= 0 (0 = greedy)"
-    if not 0.0 < top_p <= 1.0:
-        return "top_p must be in (0, 1] (1 = off)"
-    if top_k < 0:
-        return "top_k must be >= 0 (0 = off)"
+    try:
+        engine.sampling(temperature, top_k, top_p)  # the one rule: finite, temperature >= 0, top_p in (0, 1], ...
+    except ValueError as e:
+        return str(e)
     if max_new_tokens < 1:
-        return "max_new_tokens must be >= 1"
+        return f"max_new_tokens must be >= 1, got {max_new_tokens}"
+    if not SEEDS[0] <= seed <= SEEDS[1]:
+        return f"seed must be an integer from {SEEDS[0]} to {SEEDS[1]}, got {seed}"
     return None
 
 
+def text_error(text):
+    """Why `text` cannot be a prompt (it holds lone surrogates: bytes that were not UTF-8), or None."""
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError as e:
+        return f"not valid UTF-8 text (at character {e.start}: {text[e.start]!r})"
+    return None
+
+
+if settings_error():
+    fail(f"--{settings_error()}")  # each message starts with the setting's name
+if num_samples < 1:
+    fail(f"--num_samples must be >= 1, got {num_samples}")
+if threads < 0:
+    fail(f"--threads must be >= 0 (0 = torch's default), got {threads}")
+if threads:
+    torch.set_num_threads(threads)
 try:
     device, ptdtype = devices.resolve(device, dtype)
 except devices.DeviceError as e:
     fail(str(e))
-if settings_error():
-    fail(settings_error())
 if chat_format not in ('auto', 'none') + CHAT_FORMATS:
     fail(f"chat_format {chat_format!r} is not one of auto, none, {', '.join(CHAT_FORMATS)}")
 torch.manual_seed(seed)
@@ -125,14 +151,15 @@ def token_stream(ids, n, counter):
 
 
 def complete(ids):
-    """Print the continuation of prompt ids as it streams, then the summary line; returns the text."""
+    """Print the continuation of prompt ids as it streams, then the summary line; returns the text (None when the
+    prompt leaves no room for a reply)."""
     counter, pieces = [0], []
     # a chat reply must keep its conversation in view: cap it at the context left, never slide the window
     n = min(max_new_tokens, block_size - len(ids)) if chat else max_new_tokens
     if n < 1:
         print(f"error: the prompt ({len(ids)} tokens) fills the model's {block_size}-token context; /reset or "
               f"shorten it", file=sys.stderr, flush=True)
-        return ''
+        return None
     if n < max_new_tokens:
         print(f"(reply capped at {n} tokens: {len(ids)} prompt tokens of a {block_size}-token context)",
               file=sys.stderr, flush=True)
@@ -198,7 +225,7 @@ def command(line):
         try:
             globals()[name] = SETTINGS[name](value.strip())
         except ValueError:
-            print(f"error: /{name} needs a number, e.g. /{name} {old}")
+            print(f"error: /{name} needs a number, e.g. /{name} {old}", flush=True)
             return True
         if settings_error():
             print(f"error: {settings_error()}")
@@ -213,6 +240,8 @@ def command(line):
 
 
 def interact():
+    if hasattr(sys.stdin, 'reconfigure'):  # bytes that are not UTF-8 arrive as lone surrogates, which text_error
+        sys.stdin.reconfigure(errors='surrogateescape')  # refuses: the line, not the session, ends
     show_prompt = sys.stdin.isatty()
     print(f"interactive: {'a message' if chat else 'a prompt'} per line; /help for commands, /quit to exit",
           flush=True)
@@ -227,6 +256,9 @@ def interact():
             print()
             return
         line = line.rstrip('\r\n')
+        if text_error(line):
+            print(f"error: this line is {text_error(line)}: skipped, the session goes on", flush=True)
+            continue
         if line.startswith('/'):
             if not command(line):
                 return
@@ -235,7 +267,7 @@ def interact():
         try:
             ids = encode(text, history) if text else []
         except ValueError as e:  # a character the tokenizer lacks: this line is skipped, the conversation goes on
-            print(f"error: {e}", flush=True)
+            print(f"error: {e}: skipped, the session goes on", flush=True)
             continue
         if not ids:
             continue
@@ -244,7 +276,7 @@ def interact():
         except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
             print("\n[interrupted]", flush=True)
             continue
-        if chat:
+        if chat and reply is not None:
             history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": reply}])
 
 
@@ -259,13 +291,20 @@ if start.startswith('FILE:'):
         with open(start[5:], 'r', encoding='utf-8') as f:
             start = f.read()
     except OSError as e:
-        fail(f"cannot read the prompt file {start[5:]!r}: {e.strerror}")
+        fail(f"cannot read the prompt file {start[5:]!r} (--start=FILE:...): {e.strerror or e}")
+    except UnicodeDecodeError as e:
+        fail(f"the prompt file {start[5:]!r} (--start=FILE:...) is not UTF-8 text (byte {e.start}: {e.reason}): "
+             f"save it as UTF-8")
+elif text_error(start):
+    fail(f"--start is {text_error(start)}: pass UTF-8 text, or FILE:path")
 try:
     start_ids = encode(start, history)
 except ValueError as e:
-    fail(str(e))
+    fail(f"--start: {e}")
 if not start_ids:
     fail("the prompt is empty: give --start at least one token")
+if chat and len(start_ids) >= block_size:
+    fail(f"the prompt (--start, {len(start_ids)} tokens) fills the model's {block_size}-token context: shorten it")
 
 # run generation
 for k in range(num_samples):

@@ -288,7 +288,7 @@ def test_prepare_malformed(tmp_path, lines, message):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines) + "\n")
     result = prepare(f"--input={bad}", f"--out_dir={tmp_path}")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
     assert message in result.stderr, result.stderr
     assert not (tmp_path / "train.bin").exists()
@@ -304,7 +304,7 @@ def test_prepare_flag_errors(tmp_path):
                             "--chat_format=gemma", f"--val_input={good}"),
                            "line 1: the gemma chat format takes a system message only")]:
         result = prepare(*args, f"--out_dir={tmp_path}")
-        assert result.returncode == 1 and message in result.stderr, (args, result.stderr)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
 
 
 def test_make_reverse(tmp_path):

@@ -36,9 +36,12 @@ filled with pad_token, mask 0.
 --pack=False: one conversation per row, its first row_len tokens (longer ones are truncated; the
 count is printed), then pad_token up to row_len, mask 0 on the padding.
 
-Malformed input (unreadable JSON, no "messages" list, an unknown role, a non-string content, a
-conversation without an assistant message, an empty file) stops with one line naming the file and
-line, exit status 1.
+Malformed input (a file that is not UTF-8, unreadable JSON, no "messages" list, an unknown role, a
+non-string content or one holding a lone surrogate, a conversation without an assistant message, an
+empty file) stops with one line naming the file and line, exit status 2, as does an --out_dir that is a
+file, cannot be written, or holds a model or a token-stream dataset (--overwrite=True replaces the
+latter). Everything is written into a temporary folder first (common.staged_dataset): a failure leaves
+the dataset already in --out_dir as it was.
 """
 import json
 import random
@@ -48,35 +51,33 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data/common.py (it adds the repo root)
-from common import fail, parse_args, run, write_bin  # noqa: E402
+from common import check_text, fail, parse_args, run, staged_dataset, utf8_lines, write_bin, write_json  # noqa: E402
 from tokenizer import (CHAT_FORMATS, CharTokenizer, check_messages, default_chat_format,  # noqa: E402
                        load_tokenizer, make_meta, render_chat)
 
 
-def read_conversations(path):
-    """[(line_number, messages)] of a JSON Lines file, checked."""
+def read_conversations(path, flag="--input"):
+    """[(line_number, messages)] of a JSON Lines file (given as `flag`), checked."""
     path = Path(path)
     if not path.is_file():
-        fail(f"input file {path} not found")
+        fail(f"{flag} {path} is a folder: give the path of a file" if path.is_dir() else
+             f"{flag} file {path} not found")
     conversations = []
-    with open(path, encoding="utf-8") as f:
-        try:
-            lines = list(f)
-        except UnicodeDecodeError as e:
-            fail(f"{path} is not UTF-8 text ({e})")
-    for line_number, line in enumerate(lines, 1):
+    for line_number, line in utf8_lines(path):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-        except ValueError as e:
-            fail(f"{path} line {line_number}: not valid JSON ({e})")
+        except (ValueError, RecursionError) as e:
+            fail(f"{path} line {line_number}: not valid JSON ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
         if not isinstance(obj, dict) or "messages" not in obj:
             fail(f'{path} line {line_number}: expected a JSON object with a "messages" list')
         try:
             check_messages(obj["messages"])
         except ValueError as e:
             fail(f"{path} line {line_number}: {e}")
+        for i, m in enumerate(obj["messages"], 1):
+            check_text(m["content"], f"{path} line {line_number} message {i}")
         if not any(m["role"] == "assistant" for m in obj["messages"]):
             fail(f"{path} line {line_number}: no assistant message, so nothing to learn")
         conversations.append((line_number, obj["messages"]))
@@ -88,7 +89,7 @@ def read_conversations(path):
 def split(args):
     train = read_conversations(args.input)
     if args.val_input:
-        return {"train": train, "val": read_conversations(args.val_input)}
+        return {"train": train, "val": read_conversations(args.val_input, "--val_input")}
     if not 0 < args.val_fraction < 1:
         fail(f"--val_fraction must be between 0 and 1, not {args.val_fraction}")
     n_val = max(1, round(len(train) * args.val_fraction))
@@ -108,13 +109,18 @@ class _CodePoints:
         return [ord(c) for c in text]
 
 
+def source(args, split_name):
+    """The file a split's conversations come from."""
+    return args.val_input if split_name == "val" and args.val_input else args.input
+
+
 def make_tokenizer(args, splits, chat_format):
     if args.tokenizer != "char":
         return load_tokenizer({"tokenizer": args.tokenizer})
     chars = set()
-    for conversations in splits.values():
-        for _, messages in conversations:
-            chars.update(chr(i) for i in render_chat(_CodePoints(), messages, chat_format)[0])
+    for name, conversations in splits.items():
+        for ids, _ in render(_CodePoints(), conversations, chat_format, source(args, name)):
+            chars.update(chr(i) for i in ids)
     return CharTokenizer("".join(sorted(chars)))
 
 
@@ -158,7 +164,7 @@ def padded_rows(rendered, row_len, pad_token):
 
 
 def main():
-    args = parse_args(__file__, val_input="", val_fraction=0.1, tokenizer="gpt2", chat_format="",
+    args = parse_args(__file__, chat=True, val_input="", val_fraction=0.1, tokenizer="gpt2", chat_format="",
                       block_size=1024, pack=True, seed=1337)
     if not args.input:
         fail("pass --input=PATH: a JSON Lines file of {\"messages\": [...]} conversations")
@@ -174,17 +180,17 @@ def main():
     row_len = args.block_size + 1
     pad_token = tok.eot_token if tok.eot_token is not None else 0
     meta = make_meta(tok)
-    for name, conversations in splits.items():
-        source = args.val_input if name == "val" and args.val_input else args.input
-        rendered = render(tok, conversations, chat_format, source)
-        rows, masks = (packed_rows if args.pack else padded_rows)(rendered, row_len, pad_token)
-        print(f"{name}: {len(conversations):,} conversations, {rows.shape[0]:,} rows of {row_len} tokens, "
-              f"{int(masks.sum()):,} trained tokens")
-        write_bin(args.out_dir / f"{name}.bin", [rows.ravel()], meta["dtype"])
-        write_bin(args.out_dir / f"{name}_mask.bin", [masks.ravel()], "uint8")
-    meta.update(chat_format=chat_format, block_size=args.block_size, row_len=row_len,
-                packed=bool(args.pack), pad_token=pad_token)
-    (args.out_dir / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with staged_dataset(args.out_dir) as staging:  # the old dataset is replaced only when the new one is whole
+        for name, conversations in splits.items():
+            rendered = render(tok, conversations, chat_format, source(args, name))
+            rows, masks = (packed_rows if args.pack else padded_rows)(rendered, row_len, pad_token)
+            print(f"{name}: {len(conversations):,} conversations, {rows.shape[0]:,} rows of {row_len} tokens, "
+                  f"{int(masks.sum()):,} trained tokens")
+            write_bin(staging / f"{name}.bin", [rows.ravel()], meta["dtype"])
+            write_bin(staging / f"{name}_mask.bin", [masks.ravel()], "uint8")
+        meta.update(chat_format=chat_format, block_size=args.block_size, row_len=row_len,
+                    packed=bool(args.pack), pad_token=pad_token)
+        write_json(staging / "meta.json", meta)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data/common.py (it adds the repo root)
-from common import fail, parse_args, read_documents, run, tokenize_documents, write_bin, write_dataset, write_meta  # noqa: E402
+from common import (fail, parse_args, read_documents, run, staged_dataset, tokenize_documents, write_bin,  # noqa: E402
+                    write_dataset, write_meta)
 from tokenizer import TokenizerError, dtype_for_vocab, load_tokenizer  # noqa: E402
 
 VAL_FRACTION = 0.0005
@@ -46,13 +47,15 @@ def prepare_from_hub(args):
     split_dataset = dataset["train"].train_test_split(test_size=VAL_FRACTION, seed=SEED, shuffle=True)
     split_dataset["val"] = split_dataset.pop("test")
     tokenized = split_dataset.map(process, remove_columns=["text"], desc="tokenizing", num_proc=args.num_proc)
-    for split, dset in tokenized.items():
-        total = int(np.sum(dset["len"], dtype=np.uint64))
-        n_shards = 1024  # write in contiguous shards, so memory holds one shard at a time
-        shards = (np.concatenate(dset.shard(num_shards=n_shards, index=i, contiguous=True).with_format("numpy")["ids"])
-                  for i in tqdm(range(n_shards), desc=f"writing {split}.bin"))
-        write_bin(args.out_dir / f"{split}.bin", shards, dtype_for_vocab(tok.vocab_size), total)
-    write_meta(args.out_dir, tok)
+    with staged_dataset(args.out_dir) as staging:  # the old dataset is replaced only when the new one is whole
+        for split, dset in tokenized.items():
+            total = int(np.sum(dset["len"], dtype=np.uint64))
+            n_shards = 1024  # write in contiguous shards, so memory holds one shard at a time
+            shards = (np.concatenate(
+                dset.shard(num_shards=n_shards, index=i, contiguous=True).with_format("numpy")["ids"])
+                for i in tqdm(range(n_shards), desc=f"writing {split}.bin"))
+            write_bin(staging / f"{split}.bin", shards, dtype_for_vocab(tok.vocab_size), total)
+        write_meta(staging, tok)
 
 
 def split_like_hub(docs):
@@ -73,6 +76,8 @@ def prepare_from_file(args):
 
 def main():
     args = parse_args(__file__, num_proc=min(8, os.cpu_count() or 1))
+    if args.num_proc < 1:
+        fail(f"--num_proc must be at least 1, not {args.num_proc}")
     if args.input:
         prepare_from_file(args)
     else:

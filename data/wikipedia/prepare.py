@@ -67,6 +67,9 @@ def file_documents(args):
 def main():
     args = parse_args(__file__, tokenizer="gpt2", n_train=10000, n_val=1000, n_test=1000,
                       num_proc=min(8, os.cpu_count() or 1))
+    for name in ("n_train", "n_val", "n_test", "num_proc"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1, not {getattr(args, name)}")
     if args.tokenizer == "char":
         fail("--tokenizer must be a tiktoken encoding (gpt2, o200k_harmony, ...); "
              "for characters use data/shakespeare_char")
