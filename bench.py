@@ -48,7 +48,7 @@ from ops import attention, band_layout
 
 # -----------------------------------------------------------------------------
 # default config values
-mode = 'train'          # train | sliding | moe | decode | kvmemory | eval
+mode = 'train'          # train | sliding | moe | decode | kvmemory | eval | recipe
 model = ''              # a GPTConfig preset (GPTConfig.presets()); '' = the mode's default
 n_layer = 0             # 0 = the mode's default (else the preset's value)
 n_head = 0
@@ -76,6 +76,11 @@ oss_model = 'gpt-oss-compact'  # decode mode's GPT-OSS model (1.44B parameters, 
 memory_lengths = (1000, 2000, 4000)  # decode mode: generation lengths of the kvmemory runs
 gen_tokens = 4000       # kvmemory mode: tokens to generate
 profile = False         # decode mode: torch.profiler table of the gpt2 decode step
+# recipe mode: nanoGPT's own train.py on its CPU recipe vs ours, and our time-to-quality recipe
+nanogpt = ''            # nanoGPT's scripts (model.py, train.py, configurator.py, data/); '' = ../shared/anchors/nanoGPT
+recipe_iters = 2000     # iterations of the shared recipe (nanoGPT's shakespeare_char CPU settings)
+recipe_rounds = 1       # whole runs per contender, alternating
+recipe_input = ''       # the Shakespeare text; '' = ../shared/data/tinyshakespeare/input.txt
 # eval mode
 eval_docs = 24          # documents per task shape (a multiple-choice one: 4 endings each; a single-continuation one)
 eval_batch = 16         # rows per forward for both contenders
@@ -98,6 +103,7 @@ MODE_DEFAULTS = {
                 model_args='n_kv_head=2,head_dim=64,mlp_hidden=256,n_expert=8,n_expert_active=2,sliding_window=128'),
     'decode': dict(model='gpt2', warmup=1, repeats=2),
     'eval': dict(model='gpt2', warmup=1, repeats=3),
+    'recipe': dict(model='gpt2'),  # (the recipes name their own models)
     # a small Gemma 3 (5 sliding layers of window 512, 1 full; 4 KV heads of 256) built for 4096+ tokens
     'kvmemory': dict(model='gemma3-compact', n_layer=6, n_embd=256, batch_size=1,
                      model_args='n_kv_head=4,mlp_hidden=1024'),
@@ -190,19 +196,8 @@ def table(headers, rows):
     print()
 
 
-def cpu_name():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_line():
-    name = torch.cuda.get_device_name(device) if device_type == 'cuda' else cpu_name()
+    name = devices.host_name(torch.device(device))
     try:
         import transformers
         tf = f", transformers {transformers.__version__}"
@@ -758,5 +753,79 @@ def bench_eval():
            'range (ours / theirs)', 'max |loglik diff|', 'same greedy'], rows)
 
 
+# -----------------------------------------------------------------------------
+# mode=recipe: nanoGPT's train.py and ours on nanoGPT's CPU recipe, side by side; our time-to-quality recipe
+
+RECIPE = ['--device=cpu', '--compile=False', '--eval_iters=20', '--block_size=64', '--batch_size=12', '--n_layer=4',
+          '--n_head=4', '--n_embd=128', '--dropout=0.0']  # nanoGPT's README CPU settings, the same for both
+
+
+def run_recipe(cmd, cwd):
+    """(wall seconds, median ms per logged iteration, last val loss) of one training run, from its output."""
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    wall = time.perf_counter() - t0
+    if out.returncode:
+        raise SystemExit(f"error: {' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+    ms = [float(line.split('time ')[1].split('ms')[0]) for line in out.stdout.splitlines()
+          if line.startswith('iter ') and 'time ' in line]
+    vals = [float(line.rsplit('val loss ', 1)[1]) for line in out.stdout.splitlines() if line.startswith('step ')]
+    return wall, med(ms[1:] or ms), vals[-1]
+
+
+def bench_recipe():
+    """nanoGPT (its own scripts, unmodified, from ../shared/anchors) and ours train the same model on the same
+    prepared characters with the same settings; whole runs alternate. Then our Muon recipe
+    (config/train_shakespeare_char_fast.py), timed the same way, against nanoGPT's whole run."""
+    import shutil
+    repo = os.path.dirname(os.path.abspath(__file__))
+    anchor = nanogpt or os.path.join(repo, '..', 'shared', 'anchors', 'nanoGPT')
+    text = recipe_input or os.path.join(repo, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
+    for path in (os.path.join(anchor, 'train.py'), text):
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: {path} not found: give --nanogpt=DIR (nanoGPT's scripts) and --recipe_input=FILE")
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs = os.path.join(tmp, 'nanoGPT')
+        shutil.copytree(anchor, theirs)  # its scripts write beside themselves: a copy, never the original
+        os.chmod(theirs, 0o755)
+        for root, dirs, _ in os.walk(theirs):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o755)
+        shutil.copy(text, os.path.join(theirs, 'data', 'shakespeare_char', 'input.txt'))
+        ours_data = os.path.join(tmp, 'ours_data')
+        for cmd, cwd in (([sys.executable, 'data/shakespeare_char/prepare.py'], theirs),
+                         ([sys.executable, os.path.join(repo, 'data', 'shakespeare_char', 'prepare.py'),
+                           f'--input={text}', f'--out_dir={ours_data}'], repo)):
+            subprocess.run(cmd, cwd=cwd, check=True, capture_output=True)
+        iters = [f'--max_iters={recipe_iters}', f'--lr_decay_iters={recipe_iters}']
+        contenders = {
+            'nanoGPT train.py': ([sys.executable, 'train.py', 'config/train_shakespeare_char.py', *RECIPE, *iters,
+                                  f'--out_dir={tmp}/out-nanogpt'], theirs),
+            'nanoforge train.py': ([sys.executable, os.path.join(repo, 'train.py'), 'config/train_shakespeare_char.py',
+                                    *RECIPE, *iters, f'--dataset={ours_data}', f'--out_dir={tmp}/out-ours'], repo),
+            'nanoforge fast recipe (Muon)': ([sys.executable, os.path.join(repo, 'train.py'),
+                                              'config/train_shakespeare_char_fast.py', f'--dataset={ours_data}',
+                                              f'--out_dir={tmp}/out-fast'], repo),
+        }
+        load_before = os.getloadavg()[0]
+        runs = {name: [] for name in contenders}
+        for r in range(recipe_rounds):
+            for name in (list(contenders) if r % 2 == 0 else list(reversed(contenders))):
+                runs[name].append(run_recipe(*contenders[name]))
+    header(f"nanoGPT's shakespeare_char CPU recipe ({recipe_iters} iterations), side by side")
+    print(f"settings for both: {' '.join(RECIPE)} --max_iters={recipe_iters}; nanoGPT: its own scripts "
+          f"({anchor}), unmodified; {recipe_rounds} whole run(s) each, alternating; ms/iter: the median of the "
+          f"logged iterations (evals excluded, the first logged one too); load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after\n")
+    base_wall, base_ms = med([w for w, _, _ in runs['nanoGPT train.py']]), med([m for _, m, _ in runs['nanoGPT train.py']])
+    rows = []
+    for name, results in runs.items():
+        wall, ms = med([w for w, _, _ in results]), med([m for _, m, _ in results])
+        rows.append([name, f"{base_ms / ms:.2f}x", f"{wall / base_wall:.2f}x", f"{ms:.1f}", f"{wall:.1f}",
+                     ' / '.join(f"{v:.4f}" for _, _, v in results)])
+    table(['contender', 'speed per iteration vs nanoGPT (target >= 1.5x)', 'whole run vs nanoGPT (target <= 0.8x; '
+           'fast recipe <= 0.4x at val <= 1.89)', 'median ms/iter', 'whole run s', 'final val loss'], rows)
+
+
 {'train': bench_train, 'sliding': bench_sliding, 'moe': bench_moe, 'decode': bench_decode,
- 'kvmemory': bench_kvmemory, 'eval': bench_eval}[mode]()
+ 'kvmemory': bench_kvmemory, 'eval': bench_eval, 'recipe': bench_recipe}[mode]()

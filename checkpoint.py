@@ -49,6 +49,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -91,13 +92,18 @@ def _write_json(path, obj):
 
 
 def write_text_atomic(path, text):
-    """Replace a file at once: write a temp file beside it, fsync, rename over it (history, plots, links)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace a file at once: write a new temp file beside it (mkstemp: never an existing file or a link left at
+    that name), fsync, rename over it (history, results, links)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save(out_dir, model, info, meta, train_state=None):
@@ -226,6 +232,7 @@ def read(path):
         raise CheckpointError(f"{config_path} is corrupt or truncated ({e}): restore it or retrain") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT or "model_config" not in info:
         raise CheckpointError(f"{config_path} is not a nanoforge checkpoint config")
+    _check_info(info, config_path)
     for name, size in info.get("files", {}).items():
         file = ckpt / name
         if not file.is_file():
@@ -237,11 +244,64 @@ def read(path):
     return info
 
 
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+# config.json's fields that train.py, sample.py and export.py read: (check, what it must be); "base" and "sharded"
+# only in some checkpoints. A hand-edited file with a field of the wrong type is one error naming the field.
+_INFO_FIELDS = {
+    "model_config": (lambda v: isinstance(v, dict), "an object of GPTConfig fields"),
+    "files": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and k and _is_int(n) and n >= 0
+                                                     for k, n in v.items()), "an object {file name: size in bytes}"),
+    "iter_num": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "best_val_loss": (lambda v: v is None or _is_number(v), "a finite number or null"),
+    "seed": (_is_int, "an integer"),
+    "init_from": (lambda v: isinstance(v, str), "a string"),
+    "train_config": (lambda v: isinstance(v, dict), "an object"),
+    "base": (lambda v: isinstance(v, dict) and isinstance(v.get("init_from"), str)
+             and v.get("dtype") in ("float32", "bfloat16", "float16") and isinstance(v.get("overrides", {}), dict)
+             and isinstance(v.get("fingerprint"), dict)
+             and all(isinstance(x, (int, float)) for x in v["fingerprint"].values()),
+             "an object with init_from, dtype, overrides and fingerprint"),
+    "sharded": (lambda v: isinstance(v, dict) and isinstance(v.get("optimizer_groups", []), list),
+                "an object"),
+}
+
+
+def _check_info(info, config_path):
+    """The fields of a config.json that parsed as JSON: each of the type the code reads it as."""
+    for name, (ok, what) in _INFO_FIELDS.items():
+        if name in info and not ok(info[name]):
+            raise CheckpointError(f"{config_path}: {name!r} must be {what}, got {_short(info[name])}: the file was "
+                                  f"edited or damaged; restore it or retrain")
+    types = {f.name: f.type for f in fields(GPTConfig)}
+    for key, value in info["model_config"].items():
+        kind = types.get(key)
+        if kind is None:
+            continue  # model_config() names unknown fields
+        good = _is_int(value) or isinstance(value, float) if kind is float else \
+            _is_int(value) if kind is int else isinstance(value, kind)
+        if not good:
+            raise CheckpointError(f"{config_path}: model_config.{key} must be {kind.__name__}, got {_short(value)}: "
+                                  f"the file was edited or damaged; restore it or retrain")
+
+
+def _short(value):
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def model_config(info, **overrides):
     try:
         return GPTConfig.from_dict({**info["model_config"], **overrides})
-    except (ValueError, TypeError, AssertionError) as e:
-        raise CheckpointError(f"{Path(info['dir']) / CONFIG}: bad model_config ({e})") from None
+    except (ValueError, TypeError, AssertionError, ZeroDivisionError) as e:
+        detail = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{Path(info['dir']) / CONFIG}: bad model_config ({detail})") from None
 
 
 def load_weights(model, info, device="cpu"):
@@ -262,21 +322,53 @@ def load_weights(model, info, device="cpu"):
 def load_meta(info):
     path = Path(info["dir"]) / META
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is missing or corrupt ({e})") from None
+        raise CheckpointError(f"{path} is missing or corrupt ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is not a JSON object: restore it or retrain")
+    return meta
+
+
+def check_same_tokenizer(ckpt_meta, meta, ckpt_where, dataset, fix):
+    """The one tokenizer comparison of a checkpoint and a dataset (resume, init_from=<out_dir>): by content, the
+    tiktoken encoding's name (which fixes its merges) and, for 'char', the exact characters, and vocab_size. A
+    mismatch raises CheckpointError naming both."""
+    def describe(m):
+        return f"tokenizer {m.get('tokenizer')!r} ({m.get('vocab_size')} tokens)"
+    if (ckpt_meta.get("tokenizer"), ckpt_meta.get("vocab_size")) != (meta.get("tokenizer"), meta.get("vocab_size")):
+        why = f"{describe(ckpt_meta)}, dataset {dataset!r} uses {describe(meta)}"
+    elif ckpt_meta.get("tokenizer") == "char" and ckpt_meta.get("chars") != meta.get("chars"):
+        a, b = ckpt_meta.get("chars"), meta.get("chars")
+        if isinstance(a, str) and isinstance(b, str):
+            i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            at = f"token {i} is {a[i:i + 1]!r} there and {b[i:i + 1]!r} in dataset {dataset!r}"
+        else:
+            at = f"dataset {dataset!r} has chars {_short(b)}"
+        why = f"a character vocabulary of the same size but other characters ({at})"
+    else:
+        return
+    raise CheckpointError(f"vocab mismatch: the checkpoint in {ckpt_where} was trained on {why}: {fix}")
 
 
 def load_train_state(info, device="cpu"):
     """The optimizer/scaler state saved with the checkpoint (weights_only: nothing is unpickled)."""
     path = Path(info["dir"]) / TRAIN_STATE
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing: this checkpoint holds weights only, it cannot be resumed") \
             from None
-    except Exception as e:  # truncated zip, bad pickle opcodes, ...: torch raises several kinds
-        raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    except Exception as e:  # truncated zip, bad pickle opcodes, ...: torch raises several kinds, and its advice
+        # (weights_only=False) is wrong for a damaged file: say what it is and how to go on
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}): {_lost_state_fix(info)}") from None
+    return state
+
+
+def _lost_state_fix(info):
+    out_dir = Path(info["dir"]).parent
+    return (f"restore it from a backup, or start over from these weights with a fresh optimizer "
+            f"(--init_from={out_dir} and another out_dir)")
 
 
 def build_model(info, dtype=torch.float32, device="cpu", **overrides):
@@ -562,12 +654,13 @@ def resume_point(config, meta, verbose=True):
     if verbose:
         print(f"Resuming training from {out_dir}")
     info = read(out_dir)
+    missing = [k for k in ("iter_num", "best_val_loss", "seed", "train_config") if k not in info]
+    if missing:
+        raise CheckpointError(f"{Path(info['dir']) / CONFIG} has no {', '.join(missing)}: it is not a training "
+                              f"checkpoint (or was edited); restore it, or start a new run from its weights with "
+                              f"--init_from={out_dir} and another out_dir")
     ckpt_config, ckpt_meta = model_config(info), load_meta(info)
-    if (ckpt_meta.get("tokenizer"), ckpt_meta.get("vocab_size")) != (meta["tokenizer"], meta["vocab_size"]):
-        raise CheckpointError(f"vocab mismatch: the checkpoint in {out_dir} was trained on tokenizer "
-                              f"{ckpt_meta.get('tokenizer')!r} ({ckpt_meta.get('vocab_size')} tokens), dataset "
-                              f"{dataset!r} uses {meta['tokenizer']!r} ({meta['vocab_size']} tokens): resume with "
-                              f"the checkpoint's dataset")
+    check_same_tokenizer(ckpt_meta, meta, out_dir, dataset, "resume with the checkpoint's dataset")
     origin, overrides = info.get("init_from", "scratch"), {}
     if origin == "scratch":  # the checkpoint's architecture must be the one this config asks for
         asked = requested_config(config, meta)
@@ -605,12 +698,8 @@ def _pretrained(config, meta, planned, device, verbose):
 def check_init_vocab(init_from, meta, dataset, planned):
     """init_from a pretrained model: its tokenizer must be the dataset's (checked before any weight is loaded)."""
     if find(init_from) is not None:
-        init_meta = load_meta(read(init_from))
-        if any(init_meta.get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "chars")):
-            raise CheckpointError(f"vocab mismatch: the checkpoint in {init_from} was trained on tokenizer "
-                                  f"{init_meta.get('tokenizer')!r} ({init_meta.get('vocab_size')} tokens), dataset "
-                                  f"{dataset!r} uses {meta['tokenizer']!r} ({meta['vocab_size']} tokens): prepare "
-                                  f"the dataset with the checkpoint's tokenizer (for 'char': the same characters)")
+        check_same_tokenizer(load_meta(read(init_from)), meta, init_from, dataset,
+                             "prepare the dataset with the checkpoint's tokenizer (for 'char': the same characters)")
         return
     want = hf_tokenizer(planned)  # None for Gemma: its tokenizer is not one of ours
     if os.path.isfile(os.path.join(init_from, META)):  # export.py's output names its tokenizer
@@ -631,6 +720,10 @@ def load_optimizers(info, out_dir, optimizer, optimizers, scaler, device="cpu", 
     if is_sharded(info):
         return load_sharded_optimizers(info, model, optimizers)
     state = load_train_state(info, device)
+    if not (isinstance(state, dict) and isinstance(state.get("optimizers"), list)
+            and isinstance(state.get("scaler"), dict)):
+        raise CheckpointError(f"{info['dir']}/{TRAIN_STATE} is not an optimizer state (no optimizers and scaler): "
+                              f"{_lost_state_fix(info)}")
     try:
         if is_fsdp(model):  # a DDP or single-process checkpoint: each process keeps its shards of the whole state
             load_whole_optimizers(model, optimizers, state["optimizers"])
@@ -638,8 +731,10 @@ def load_optimizers(info, out_dir, optimizer, optimizers, scaler, device="cpu", 
             for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
                 opt.load_state_dict(opt_state)
         scaler.load_state_dict(state["scaler"])
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{info['dir']}/{TRAIN_STATE} does not fit this model and optimizer ({e})") from None
+    except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as e:  # a state of another
+        detail = " ".join(str(e).split())[:200]  # model, or a hand-made file: torch raises several kinds
+        raise CheckpointError(f"{info['dir']}/{TRAIN_STATE} does not fit this model and optimizer "
+                              f"({type(e).__name__}: {detail}): {_lost_state_fix(info)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,18 +25,97 @@ def open_dataset(dataset, block_size, estimate_only=False):
     vocabulary (meta {} without one)."""
     if estimate_only:
         path = dataset_dir(dataset)
-        return None, read_meta(path) if os.path.isfile(os.path.join(path, 'meta.json')) else {}, None
+        if not os.path.isfile(os.path.join(path, 'meta.json')):
+            return None, {}, None
+        return None, checked_meta(path), None
     data_dir = find_data_dir(dataset)
-    meta = read_meta(data_dir)
+    meta = checked_meta(data_dir)
+    itemsize = np.dtype(meta['dtype']).itemsize
+    for split in ('train', 'val'):
+        path = os.path.join(data_dir, f'{split}.bin')
+        size = os.path.getsize(path)
+        if size % itemsize:
+            raise DatasetError(f"{path} has {size} bytes, not a whole number of {meta['dtype']} tokens "
+                               f"({itemsize} bytes each; meta.json's dtype): it is truncated or from another "
+                               f"preparation; re-run the dataset's prepare.py")
     sft = os.path.isfile(os.path.join(data_dir, 'train_mask.bin'))
     sft_rows = {split: trained_rows(dataset, data_dir, meta, split, block_size) for split in ('train', 'val')} \
         if sft else None
     for split in ('train', 'val'):
-        n_tokens = os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // np.dtype(meta['dtype']).itemsize
+        n_tokens = os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // itemsize
         if n_tokens <= block_size:
             raise DatasetError(f"{split}.bin of {dataset!r} has {n_tokens} tokens, fewer than block_size + 1 "
                                f"({block_size + 1})")
+        check_token_ids(os.path.join(data_dir, f'{split}.bin'), meta)
     return data_dir, meta, sft_rows
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def checked_meta(data_dir):
+    """data_dir's meta.json, each key train.py reads present and of its type (schema: tokenizer.py)."""
+    path = os.path.join(data_dir, 'meta.json')
+    meta = read_meta(data_dir)
+    fix = "re-run the dataset's prepare.py"
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{path} is not a JSON object: {fix}")
+
+    def need(key, ok, what):
+        if key not in meta:
+            raise DatasetError(f"{path} has no {key!r} ({what}): {fix}")
+        if not ok(meta[key]):
+            shown = repr(meta[key])
+            shown = shown if len(shown) <= 60 else shown[:57] + '...'
+            raise DatasetError(f"{path}: {key!r} must be {what}, got {shown}: {fix}")
+
+    need('tokenizer', lambda v: isinstance(v, str) and v, "a tokenizer name such as 'char' or 'gpt2'")
+    need('vocab_size', lambda v: _is_int(v) and v > 0, "an integer > 0")
+    need('dtype', _token_dtype_ok(meta['vocab_size']), f"an unsigned integer type holding ids up to "
+         f"{meta['vocab_size'] - 1}, e.g. 'uint16' or 'uint32'")
+    if meta['tokenizer'] == 'char':
+        need('chars', lambda v: isinstance(v, str) and len(v) == meta['vocab_size'],
+             f"a string of the {meta['vocab_size']} characters (vocab_size)")
+    for key, what in (('eot_token', "an integer token id or null"), ('row_len', "an integer > 1 or null"),
+                      ('pad_token', "an integer token id or null")):
+        if key in meta:
+            need(key, lambda v: v is None or (_is_int(v) and 0 <= v and (key != 'row_len' or v > 1)), what)
+    return meta
+
+
+def _token_dtype_ok(vocab_size):
+    def ok(v):
+        if not isinstance(v, str):
+            return False
+        try:
+            dtype = np.dtype(v)
+        except (TypeError, ValueError):
+            return False
+        return dtype.kind == 'u' and np.iinfo(dtype).max >= vocab_size - 1
+    return ok
+
+
+FULL_SCAN_TOKENS = 1 << 26  # a token stream up to this long is checked whole (np.max over a memmap: ~50 ms)
+SAMPLE_BLOCKS, SAMPLE_BLOCK_TOKENS = 1024, 4096  # else this many evenly spaced runs of tokens
+
+
+def check_token_ids(path, meta):
+    """Every token id (of a long stream: a sample of evenly spaced runs) must be below meta.json's vocab_size: an
+    id past it would index past the embedding table mid-run."""
+    data = np.memmap(path, dtype=np.dtype(meta['dtype']), mode='r')
+    n = len(data)
+    if n <= FULL_SCAN_TOKENS:
+        top, how = int(data.max()), "holds"
+    else:
+        starts = np.linspace(0, n - SAMPLE_BLOCK_TOKENS, SAMPLE_BLOCKS).astype(np.int64)
+        top, how = max(int(data[s:s + SAMPLE_BLOCK_TOKENS].max()) for s in starts), "holds (in a sample)"
+    del data
+    vocab_size = meta['vocab_size']
+    if top >= vocab_size:
+        raise DatasetError(f"{path} {how} token id {top}, but meta.json's vocab_size is {vocab_size} (ids 0.."
+                           f"{vocab_size - 1}): the .bin files and meta.json are from different preparations; "
+                           f"re-run the dataset's prepare.py")
 
 
 def dataset_dir(dataset):

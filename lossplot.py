@@ -9,6 +9,7 @@ process, and the child draws while training goes on. Without matplotlib it warns
 import json
 import math
 import os
+import tempfile
 import sys
 
 
@@ -46,8 +47,10 @@ def plot(history_path, plot_path, title):
     ax.set(xlabel='iteration', ylabel='loss', title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(plot_path + '.tmp.png', dpi=100)
-    os.replace(plot_path + '.tmp.png', plot_path)  # readers never see half a file
+    fd, tmp = tempfile.mkstemp(prefix='.loss.', suffix='.png', dir=os.path.dirname(plot_path) or '.')
+    with os.fdopen(fd, 'wb') as f:  # a new file (never a link left at a fixed name); readers never see half of it
+        fig.savefig(f, format='png', dpi=100)
+    os.replace(tmp, plot_path)
 
 
 if __name__ == '__main__':

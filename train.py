@@ -42,6 +42,7 @@ import checkpoint
 import devices
 import fsdp
 import lossplot
+import ops
 from configurator import apply_overrides
 from dataset import DatasetError, open_dataset
 from eval import EvalError, check_tasks, evaluate, write_results
@@ -123,12 +124,12 @@ sharded = ddp and parallel == 'fsdp'  # FSDP: every process holds a shard of the
 
 
 def fail(message):
-    """A mistake the user can fix: one line on stderr (from the master process only), exit status 1."""
+    """A mistake the user can fix: one line on stderr (from the master process only), exit status 2."""
     if master_process:
         print(f"error: {message}", file=sys.stderr)
     if dist.is_initialized():
         dist.destroy_process_group()
-    sys.exit(1)
+    sys.exit(2)
 
 
 try:  # the one device/dtype policy: see devices.py
@@ -267,13 +268,14 @@ iter_num, best_val_loss, seed = start.iter_num, start.best_val_loss, start.seed 
 
 def make_optimizers(m):
     """AdamW for everything (model.configure_optimizers), or Muon for the 2D weights inside the blocks
-    (torch.optim.Muon, its lr scaled to match AdamW's update size) and AdamW for embeddings, head, norms, biases."""
+    (ops.Muon: torch.optim.Muon's update, orthogonalised in float32 on CPUs that multiply bf16 slowly; its lr scaled
+    to match AdamW's update size) and AdamW for embeddings, head, norms, biases."""
     if optimizer == 'adamw':
         return [m.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)]
     named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if m.is_muon_param(n, p)]
     rest = [p for n, p in named if id(p) not in {id(q) for q in hidden}]
-    muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn='match_rms_adamw')
+    muon = ops.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn='match_rms_adamw')
     groups = [{'params': [p for p in rest if p.dim() >= 2], 'weight_decay': weight_decay},
               {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0}]
     adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device_type in ('cuda', 'cpu'))
@@ -387,10 +389,16 @@ def print_moe_stats():
     load = raw_model.expert_load()
     if load is None:
         return
-    share = (load.float() / load.sum(dim=1, keepdim=True)).mean(dim=0).tolist()
-    aux = raw_model.aux_loss.item() if raw_model.aux_loss is not None else float('nan')
-    print(f"  moe aux loss {aux:.4f}, expert load (% of routed tokens, mean over layers): "
-          + ' '.join(f"{100 * s:.1f}" for s in share))
+    parts = []
+    aux = raw_model.aux_loss.item() if raw_model.aux_loss is not None else None  # set by training forwards only
+    if aux is not None and math.isfinite(aux):  # before the first training step there is none yet: say nothing
+        parts.append(f"moe aux loss {aux:.4f}")
+    routed = load.float().sum(dim=1, keepdim=True)
+    if bool((routed > 0).all()):
+        share = (load.float() / routed).mean(dim=0).tolist()
+        parts.append("expert load (% of routed tokens, mean over layers): " + ' '.join(f"{100 * s:.1f}" for s in share))
+    if parts:
+        print("  " + ", ".join(parts))
 
 
 if master_process:  # a resumed run keeps the records before iter_num and redoes the rest
