@@ -208,6 +208,24 @@ def _is_ours(directory):
         return False
 
 
+def check_out_dir(out_dir):
+    """Raise CheckpointError unless out_dir is free for a training run: missing, empty, or holding what train.py
+    writes (a checkpoint, history, plot). A prepared dataset or another tool's model folder (an export, a Hugging
+    Face download) is refused: the run's published config.json / model.safetensors / meta.json would replace theirs."""
+    path = Path(out_dir)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"out_dir {out_dir} is a file: give a folder for the run")
+    if find(path) is not None:
+        return
+    theirs = [name for name in ("train.bin", "val.bin", CONFIG, WEIGHTS, META, "model.safetensors.index.json")
+              if (path / name).exists()]
+    if theirs:
+        raise CheckpointError(f"out_dir {out_dir} holds {', '.join(theirs)}, not a train.py run (a dataset or an "
+                              f"exported model): give the run a folder of its own")
+
+
 def find(path):
     """The checkpoint directory for `path` (an out_dir, or a checkpoint directory itself), or None."""
     path = Path(path)

@@ -155,7 +155,11 @@ tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master_process:
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
     if not estimate_only:
-        os.makedirs(out_dir, exist_ok=True)
+        try:  # a dataset or an exported model there would be overwritten by the run's published files
+            checkpoint.check_out_dir(out_dir)
+            os.makedirs(out_dir, exist_ok=True)
+        except (checkpoint.CheckpointError, OSError) as e:
+            fail(str(e) if isinstance(e, checkpoint.CheckpointError) else f"cannot create out_dir {out_dir}: {e}")
 torch.manual_seed(seed)  # the same initial weights in every process
 torch.set_float32_matmul_precision('high')  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn

@@ -404,3 +404,27 @@ def test_token_id_check_on_long_streams_samples(tmp_path, monkeypatch):
         tokens.tofile(path)
         with pytest.raises(dataset_mod.DatasetError, match="token id"):
             dataset_mod.check_token_ids(str(path), meta)
+
+
+def test_train_refuses_an_out_dir_it_did_not_make(shakespeare_char, tmp_path):
+    """A prepared dataset, an exported model folder or a file as out_dir: one line, exit 2, every file as it was;
+    a folder with train.py's own checkpoint (a rerun) is not refused."""
+    import hashlib
+    from conftest import TINY, run_script
+    dataset = tmp_path / "data"
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text('{"model_type": "gpt2"}')
+    (export / "model.safetensors").write_bytes(b"not ours")
+    import shutil
+    shutil.copytree(shakespeare_char, dataset)
+    (tmp_path / "a_file").write_text("x")
+
+    def digest(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    before = {d: digest(d) for d in (dataset, export)}
+    for out in (dataset, export, tmp_path / "a_file"):
+        result = run_script("train.py", *TINY, f"--dataset={shakespeare_char}", f"--out_dir={out}", "--max_iters=2")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert len(result.stderr.strip().splitlines()) == 1 and "out_dir" in result.stderr
+    assert {d: digest(d) for d in (dataset, export)} == before
