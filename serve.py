@@ -5,6 +5,8 @@ family), with continuous batching: concurrent requests share the model, one toke
     python serve.py --init_from=out-shakespeare-char --port=8000 --model_name=shakespeare
     python serve.py --model small=out-small --model gemma=path/to/gemma-3-270m      # several models by name
     python serve.py --init_from=out --upstream http://127.0.0.1:8001/v1 --fallback small   # forward the rest
+    python serve.py --init_from=out-small --model_name=gpt-oss-20b --upstream=http://127.0.0.1:8001/v1 \
+        --short_prompt_chars=120 --fallback=gpt-oss-20b --trace_redis=redis://127.0.0.1:6379/0   # a gateway
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
@@ -62,14 +64,29 @@ max_tokens gets 16 tokens (as OpenAI's), a chat reply up to --default_max_tokens
 - --api_key KEY: /v1/* and the tokenizer endpoints need `Authorization: Bearer KEY` (401 otherwise; lm-eval
   sends it with auth_token=KEY); /health stays open.
 - --upstream URL: requests for models not served here go to that OpenAI-compatible server (vLLM, another
-  serve.py), streams passed through as they come; its models join /v1/models. When it cannot be reached,
-  --fallback NAME answers from a local model instead (else 503). /health reports the upstream's state.
-- --trace_file (default out-serve/trace.jsonl): one JSON line per completion request, flushed as written:
-  time, endpoint, model, route (local/upstream/fallback), stream, prompt_tokens, completion_tokens,
-  latency_s, status (HTTP status; 499 = the client hung up and its rows were dropped), finish_reason, error.
-  Lines are ASCII JSON (what a client sent comes back whole); a failed write is said on stderr, never fails the
-  request. It appends only to a new file or a trace of its own: a symbolic link to a file, a hard-linked file
-  (it might be a checkpoint's), a file that is not a trace, a directory: refused at startup (TraceLog).
+  serve.py), streams passed through as they come; its models join /v1/models. With --short_prompt_chars=N the
+  server is a gateway in front of it: a request for a local model whose prompt is longer than N characters
+  (completions: the prompt, the longest of a list; chat: the messages' texts concatenated) goes upstream under
+  the same model name, so clients do not change; short ones are answered here. When the upstream is down
+  (connection refused, --upstream_connect_timeout, no headers within --upstream_timeout, or a 5xx answer),
+  --fallback NAME answers from a local model instead (else 503), decided before a byte is sent, streams too;
+  for Upstream.CHECK_EVERY_S after that, requests go to the fallback without asking. The route taken (local,
+  upstream, fallback) is in the x-route response header and the trace. /health reports "gateway": "ok",
+  "upstream_up" and the upstream's last probe (cached: at most one probe every CHECK_EVERY_S seconds).
+- Traces: one record per completion request: time, id, endpoint, model (as asked), route, served_by (the local
+  model or the upstream URL), stream, prompt_chars, prompt_tokens, completion_tokens, ttft_s (to the first token;
+  to the first streamed byte upstream; null for a non-streamed upstream answer), latency_s, status (HTTP status;
+  499 = the client hung up and its rows were dropped), finish_reason, error; the prompt and completion texts
+  only with --trace_content=True (privacy by default). A forwarded stream is asked for its usage chunk (kept from
+  a client that did not ask for it) so the token counts are known. Records go through a bounded queue drained by
+  a thread (TraceSink): writing one never delays or fails a response; a full queue drops the record and counts it.
+  --trace_redis=redis://HOST:PORT/DB pushes each onto the Redis list `llm_traces`; while Redis is down they go to
+  the file instead and /health's "traces" counts them (diverted_to_file, dropped). traces.py ingests either into
+  Weights & Biases.
+- --trace_file (default out-serve/trace.jsonl): the JSONL trace, a line per record. Lines are ASCII JSON (what a
+  client sent comes back whole); a failed write is said on stderr, never fails the request. It appends only to a
+  new file or a trace of its own: a symbolic link to a file, a hard-linked file (it might be a checkpoint's), a
+  file that is not a trace, a directory: refused at startup (TraceLog).
 - Every flag is checked at startup (ranges, choices, a chat format the tokenizer cannot render, a trace file it
   must not write, an address it cannot bind): one line `error: ...` naming the flag, exit 2, before the server
   listens. A model whose tokenizer cannot render its default chat format serves completions only (chat: 404).
@@ -95,6 +112,7 @@ import hmac
 import json
 import math
 import os
+import re
 import socket
 import stat
 import sys
@@ -868,7 +886,10 @@ class TraceLog:
                                   ensure_ascii=True) + "\n"
 
     def write(self, record):
-        data = self.line(record).encode("ascii")
+        self.write_line(self.line(record))
+
+    def write_line(self, line):
+        data = line.encode("ascii")
         with self.lock:
             if self.newline_first:
                 data = b"\n" + data
@@ -891,6 +912,83 @@ class TraceLog:
             if self.fd is not None:
                 os.close(self.fd)
                 self.fd = None
+
+
+class TraceSink:
+    """Where trace records go, off the request path: put() only appends to a bounded queue (a full queue drops the
+    record and counts it in /health), and one thread writes the records, in order, to Redis (--trace_redis: RPUSH
+    onto the `llm_traces` list, as JSON strings) or to the JSONL file (TraceLog). While Redis cannot be reached the
+    file takes them (said once on stderr) and Redis is tried again every REDIS_RETRY_S seconds."""
+
+    REDIS_KEY, REDIS_RETRY_S, BATCH = "llm_traces", 2.0, 256
+
+    def __init__(self, file, redis_url=None, max_queued=10000):
+        self.file, self.redis_url, self.max_queued = file, redis_url, max_queued
+        self.queue, self.cond, self.closing = collections.deque(), threading.Condition(), False
+        self.redis, self.redis_error, self.retry_at = None, None, 0.0
+        self.to_redis = self.to_file = self.diverted = self.dropped = 0
+        self.thread = threading.Thread(target=self._drain, name="trace-sink", daemon=True)
+        self.thread.start()
+
+    def put(self, record):
+        with self.cond:
+            if len(self.queue) >= self.max_queued or self.closing:
+                self.dropped += 1
+                return
+            self.queue.append(record)
+            self.cond.notify()
+
+    def _drain(self):
+        while True:
+            with self.cond:
+                while not self.queue and not self.closing:
+                    self.cond.wait()
+                if not self.queue:
+                    return
+                batch = [self.queue.popleft() for _ in range(min(len(self.queue), self.BATCH))]
+            lines = [TraceLog.line(record) for record in batch]
+            if self.redis_url is None or not self._push(lines):
+                for line in lines:
+                    self.file.write_line(line)
+                self.to_file += len(lines)
+                self.diverted += len(lines) if self.redis_url else 0
+
+    def _push(self, lines):
+        """RPUSH the lines in one command; False (the file takes them) while Redis cannot be reached."""
+        if time.monotonic() < self.retry_at:
+            return False
+        try:
+            if self.redis is None:
+                import redis
+                self.redis = redis.Redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
+            self.redis.rpush(self.REDIS_KEY, *(line.rstrip("\n") for line in lines))
+        except Exception as e:  # redis.RedisError, OSError: down, restarting, refusing writes
+            if self.redis_error is None:
+                print(f"serve: cannot write traces to Redis ({type(e).__name__}: {e}): they go to "
+                      f"{_printable(self.file.path)} until it is back", file=sys.stderr, flush=True)
+            self.redis_error, self.retry_at = f"{type(e).__name__}: {e}", time.monotonic() + self.REDIS_RETRY_S
+            return False
+        if self.redis_error is not None:
+            print("serve: Redis is back: traces go to it again", file=sys.stderr, flush=True)
+            self.redis_error = None
+        self.to_redis += len(lines)
+        return True
+
+    def state(self):
+        out = {"sink": "redis" if self.redis_url else "file", "file": str(self.file.path), "queued": len(self.queue),
+               "written_file": self.to_file, "dropped": self.dropped}
+        if self.redis_url:
+            out.update(redis="down" if self.redis_error else "up", redis_error=self.redis_error,
+                       written_redis=self.to_redis, diverted_to_file=self.diverted)
+        return out
+
+    def close(self, timeout=10.0):
+        """Write what is queued (up to `timeout` seconds), then close the file."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify()
+        self.thread.join(timeout)
+        self.file.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -966,11 +1064,14 @@ class Reply:
                      "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
                      "model": model_name}
         self.texts, self.finishes, self.completion_tokens = [""] * n_choices, [None] * n_choices, 0
+        self.first_text_at = None  # the trace's time to first token
         self.logprobs = [Logprobs(tok, chat) for _ in range(n_choices)] if logprobs else None
 
     def add(self, event):
         """Tally an event; a text event's log-probabilities part (None when not asked for)."""
         if event.kind == "text":
+            if self.first_text_at is None:
+                self.first_text_at = time.time()
             self.texts[event.index] += event.text
             return self.logprobs[event.index].add(event.tokens) if self.logprobs else None
         self.finishes[event.index] = event.finish_reason
@@ -1043,7 +1144,7 @@ async def stream(reply, req, include_usage, close):
         await close(status, error)
 
 
-def EventStream(events, close, media_type="text/event-stream"):
+def EventStream(events, close, media_type="text/event-stream", headers=None):
     """A StreamingResponse of server-sent events that always runs close() when it ends: normally the
     generator's own `finally` does, but a client that hangs up before the first event is sent leaves the
     generator unstarted, and then only the response knows."""
@@ -1057,19 +1158,27 @@ def EventStream(events, close, media_type="text/event-stream"):
                 await close()
 
     return _EventStream(events, media_type=media_type, headers={"cache-control": "no-cache",
-                                                                 "x-accel-buffering": "no"})
+                                                                 "x-accel-buffering": "no", **(headers or {})})
 
 
 class Upstream:
     """An OpenAI-compatible server (vLLM, another serve.py) for the models not served here."""
 
-    def __init__(self, url, api_key=None):
+    CHECK_EVERY_S = 2.0  # /health probes the upstream at most this often; a request that found it down skips it
+    # that long too (and falls back at once), so a host that swallows connections costs one connect timeout
+
+    def __init__(self, url, api_key=None, connect_timeout=3.0, timeout=600.0):
         import httpx
         base = url.rstrip("/")
         self.url = base.removesuffix("/v1")
         self.api_key = api_key
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0), trust_env=False)
+        # timeout: for each read, the response's headers included (a non-streamed answer comes whole)
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=connect_timeout), trust_env=False)
         self.state = {"url": url, "status": "unknown", "checked": None, "error": None}
+
+    def fresh(self):
+        """Whether the last word on the upstream's state is recent enough to act on without asking again."""
+        return self.state["checked"] is not None and time.time() - self.state["checked"] < self.CHECK_EVERY_S
 
     def mark(self, up, error=None):
         self.state.update(status="up" if up else "down", checked=time.time(), error=error)
@@ -1107,22 +1216,27 @@ class Upstream:
         except httpx.TransportError as e:
             self.mark(False, f"{type(e).__name__}: {e}")
             return None
-        self.mark(True)  # it answered: errors it sends back are the client's to see
+        if resp.status_code >= 500:  # it answered, but cannot serve: down, as far as a fallback is concerned
+            self.mark(False, f"HTTP {resp.status_code}")
+        else:
+            self.mark(True)  # errors it sends back (4xx) are the client's to see
         return resp
 
 
 class App:
     """The server's state: local models, the upstream, the trace, the settings."""
 
-    def __init__(self, models, upstream=None, fallback=None, api_key=None, trace=None, default_max_tokens=256):
+    def __init__(self, models, upstream=None, fallback=None, api_key=None, trace=None, default_max_tokens=256,
+                 short_prompt_chars=None, trace_content=False):
         self.models = {lm.name: lm for lm in models}
         self.default = models[0].name if models else None
         self.upstream, self.fallback, self.api_key = upstream, fallback, api_key
         self.trace, self.default_max_tokens = trace, default_max_tokens
+        self.short_prompt_chars, self.trace_content = short_prompt_chars, trace_content
 
     def log(self, record):
         if self.trace is not None:
-            self.trace.write(record)
+            self.trace.put(record)
 
     def check_auth(self, request):
         if self.api_key is None:
@@ -1133,13 +1247,21 @@ class App:
             raise APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
 
+    def goes_upstream(self, name, chars):
+        """Models not served here go upstream; with --short_prompt_chars, so do local models' long prompts (the
+        upstream serves the same name: the client cannot tell which answered, but for the x-route header)."""
+        if self.upstream is None:
+            return False
+        return name not in self.models or self.short_prompt_chars is not None and chars > self.short_prompt_chars
+
     # -- POST /v1/completions and /v1/chat/completions -----------------------------------------------------------
 
     async def generate(self, request, chat):
         from fastapi.responses import JSONResponse, Response
         t0 = time.time()
-        record = {"time": t0, "endpoint": request.url.path, "model": None, "route": "local", "stream": False,
-                  "prompt_tokens": None, "completion_tokens": None, "latency_s": None, "status": None}
+        record = {"time": t0, "id": "trace-" + uuid.uuid4().hex, "endpoint": request.url.path, "model": None,
+                  "route": "local", "served_by": None, "stream": False, "prompt_chars": None, "prompt_tokens": None,
+                  "completion_tokens": None, "ttft_s": None, "latency_s": None, "status": None}
 
         def done(status, error=None, **extra):
             record.update(status=status, latency_s=round(time.time() - t0, 4), **extra)
@@ -1155,22 +1277,27 @@ class App:
             if not isinstance(name, str):
                 raise APIError(400, "'model' must be a string", param="model", code="invalid_value")
             record["model"], record["stream"] = name, body.get("stream") is True
-            if name not in self.models:
-                if self.upstream is None:
-                    raise APIError(404, f"The model '{name}' does not exist (served here: "
-                                   f"{', '.join(self.models) or 'none'})", param="model", code="model_not_found")
+            lm = self.models.get(name)
+            record["prompt_chars"] = prompt_chars(body, chat, lm.tokenizer if lm else None)
+            if self.trace_content:
+                record["prompt"] = body.get("messages" if chat else "prompt")
+            if self.goes_upstream(name, record["prompt_chars"]):
                 response = await self.forward(request, raw, body, record, done)
                 if response is not None:
                     return response
                 if self.fallback is None:
                     raise APIError(503, f"The upstream server {self.upstream.state['url']} is unreachable "
                                    f"({self.upstream.state['error']})", type="upstream_error", code="upstream_down")
-                record.update(route="fallback", requested_model=name, model=self.fallback)
-                name = self.fallback
-            return await self.local(request, self.models[name], body, chat, record, done)
+                record["route"] = "fallback"
+                lm = self.models[self.fallback]
+            elif lm is None:
+                raise APIError(404, f"The model '{name}' does not exist (served here: "
+                               f"{', '.join(self.models) or 'none'})", param="model", code="model_not_found")
+            record["served_by"] = lm.name
+            return await self.local(request, lm, body, chat, record, done)
         except APIError as e:
             done(e.status, e.message)
-            return JSONResponse(e.body(), status_code=e.status)
+            return JSONResponse(e.body(), status_code=e.status, headers=route_header(record))
         except ClientGone:
             done(499, "client disconnected")
             return Response(status_code=499)
@@ -1190,67 +1317,113 @@ class App:
         lm.batcher.submit(req)
         watchdog = asyncio.ensure_future(watch(req, request))
 
+        def finished(status, error=None):
+            content = {"completion": reply.texts} if self.trace_content else {}
+            ttft = None if reply.first_text_at is None else round(reply.first_text_at - record["time"], 4)
+            done(status, error, completion_tokens=reply.completion_tokens, finish_reason=reply.finishes,
+                 ttft_s=ttft, **content)
+
         async def close(status=499, error="client disconnected"):
             """Once per stream, however it ends: the rows leave the batch, the trace gets its line."""
             if not reply.closed:
                 reply.closed = True
                 req.cancel()
                 watchdog.cancel()
-                done(status, error, completion_tokens=reply.completion_tokens, finish_reason=reply.finishes)
+                finished(status, error)
 
         if spec.stream:
-            return EventStream(stream(reply, req, spec.include_usage, close), close)
+            return EventStream(stream(reply, req, spec.include_usage, close), close, headers=route_header(record))
         try:  # an error or a client gone: generate() answers and traces it
             async for event in events(req, len(req.rows)):
                 reply.add(event)
         finally:
             req.cancel()  # a no-op when every row is done; else (client gone, error) they leave the batch
             watchdog.cancel()
-        done(200, completion_tokens=reply.completion_tokens, finish_reason=reply.finishes)
-        return JSONResponse(reply.body())
+        finished(200)
+        return JSONResponse(reply.body(), headers=route_header(record))
 
     async def forward(self, request, raw, body, record, done):
-        """Pass the request to the upstream, streaming included; None when the upstream is down."""
+        """Pass the request to the upstream, streaming included; None when it is down (cannot be reached, timed
+        out before its headers, or answered 5xx) and a fallback can answer instead: decided before a byte is sent."""
         from fastapi.responses import Response
-        record["route"] = "upstream"
+        record.update(route="upstream", served_by=self.upstream.state["url"])
+        if self.fallback is not None and self.upstream.state["status"] == "down" and self.upstream.fresh():
+            return None
+        hide_usage = False
+        if body.get("stream") is True and not (isinstance(body.get("stream_options"), dict)
+                                               and body["stream_options"].get("include_usage") is True):
+            # the trace needs the token counts: ask for the usage chunk, and keep it from the client
+            raw = json.dumps({**body, "stream_options": {**(body.get("stream_options") or {}),
+                                                         "include_usage": True}}).encode()
+            hide_usage = True
         resp = await self.upstream.open(request.url.path, raw, request)
-        if resp is None:
+        if resp is None or resp.status_code >= 500 and self.fallback is not None:
+            if resp is not None:
+                await resp.aclose()
             return None
         media_type = resp.headers.get("content-type", "application/json")
         if body.get("stream") is True and resp.status_code == 200:
-            state = {"tail": b"", "closed": False}
-
-            async def close(status=499, error="client disconnected"):
-                if not state["closed"]:
-                    state["closed"] = True
-                    await resp.aclose()
-                    record.update(_usage_from_sse(state["tail"]))
-                    done(status, error)
-
-            async def passthrough():
-                status, error = 200, None
-                try:
-                    async for piece in resp.aiter_raw():
-                        state["tail"] = (state["tail"] + piece)[-4096:]
-                        yield piece
-                except (asyncio.CancelledError, GeneratorExit, OSError):
-                    status, error = 499, "client disconnected"
-                    raise
-                except Exception as e:  # the upstream broke off mid-stream
-                    status, error = 502, f"upstream stream failed: {type(e).__name__}: {e}"
-                finally:
-                    await close(status, error)
-
-            return EventStream(passthrough(), close, media_type=media_type)
+            close = self.closer(resp, record, done)
+            return EventStream(self.passthrough(resp, record, close, hide_usage), close, media_type=media_type,
+                               headers=route_header(record))
         content = await resp.aread()
         await resp.aclose()
         try:
-            u = json.loads(content).get("usage") or {}
+            answer = json.loads(content)
+            u = answer.get("usage") or {}
             record.update(prompt_tokens=u.get("prompt_tokens"), completion_tokens=u.get("completion_tokens"))
-        except (ValueError, AttributeError):
+            if self.trace_content:
+                record["completion"] = [c.get("text") if "text" in c else (c.get("message") or {}).get("content")
+                                        for c in answer.get("choices") or []]
+        except (ValueError, AttributeError, TypeError):
             pass
         done(resp.status_code, None if resp.status_code < 400 else content[:500].decode("utf-8", "replace"))
-        return Response(content, status_code=resp.status_code, media_type=media_type)
+        return Response(content, status_code=resp.status_code, media_type=media_type, headers=route_header(record))
+
+    def closer(self, resp, record, done):
+        """A forwarded stream's close(): once, however it ends."""
+        closed = False
+
+        async def close(status=499, error="client disconnected"):
+            nonlocal closed
+            if not closed:
+                closed = True
+                await resp.aclose()
+                done(status, error)
+        return close
+
+    async def passthrough(self, resp, record, close, hide_usage):
+        """The upstream's server-sent events as they come, event by event: their usage chunk fills the trace's
+        token counts (and is dropped when only the trace asked for it), their texts the trace's completion."""
+        rest, texts, status, error = b"", {}, 200, None
+        try:
+            async for piece in resp.aiter_raw():
+                if record["ttft_s"] is None:
+                    record["ttft_s"] = round(time.time() - record["time"], 4)
+                complete, rest = sse_events(rest + piece)
+                for event in complete:
+                    data = sse_json(event)
+                    if isinstance(data, dict):
+                        usage, choices = data.get("usage"), data.get("choices")
+                        if isinstance(usage, dict):
+                            record.update(prompt_tokens=usage.get("prompt_tokens"),
+                                          completion_tokens=usage.get("completion_tokens"))
+                            if hide_usage and not choices:
+                                continue
+                        if self.trace_content:
+                            add_texts(texts, choices)
+                    yield event
+            if rest:
+                yield rest
+        except (asyncio.CancelledError, GeneratorExit, OSError):
+            status, error = 499, "client disconnected"
+            raise
+        except Exception as e:  # the upstream broke off mid-stream
+            status, error = 502, f"upstream stream failed: {type(e).__name__}: {e}"
+        finally:
+            if self.trace_content:
+                record["completion"] = [texts[i] for i in sorted(texts)]
+            await close(status, error)
 
     # -- GET /v1/models and /health ------------------------------------------------------------------------------
 
@@ -1331,14 +1504,21 @@ class App:
                 "vocab_size": tok.vocab_size, "model_max_length": lm.block_size}
 
     async def health(self):
-        out = {"status": "ok", "models": {name: {"path": lm.path, "chat_format": lm.chat_format,
-                                                 **lm.batcher.load()} for name, lm in self.models.items()}}
+        """The gateway's state: "status" ok or degraded (the upstream down), "upstream_up", each model's load, the
+        upstream's last probe (at most every Upstream.CHECK_EVERY_S seconds) and the trace sink's counters."""
+        out = {"status": "ok", "gateway": "ok",
+               "models": {name: {"path": lm.path, "chat_format": lm.chat_format, **lm.batcher.load()}
+                          for name, lm in self.models.items()}}
         if self.upstream is not None:
-            await self.upstream.check()
-            out["upstream"] = dict(self.upstream.state)
-            out["fallback"] = self.fallback
-            if self.upstream.state["status"] != "up":
+            if not self.upstream.fresh():
+                await self.upstream.check()
+            up = self.upstream.state["status"] == "up"
+            out.update(upstream_up=up, upstream=dict(self.upstream.state), fallback=self.fallback,
+                       short_prompt_chars=self.short_prompt_chars)
+            if not up:
                 out["status"] = "degraded"
+        if self.trace is not None:
+            out["traces"] = self.trace.state()
         return out
 
 
@@ -1406,16 +1586,54 @@ async def read_body(request):
         raise ClientGone() from None
 
 
-def _usage_from_sse(tail):
-    """prompt/completion tokens from the usage chunk at the end of a forwarded stream, when it has one."""
-    for line in reversed(tail.decode("utf-8", "replace").splitlines()):
-        if line.startswith("data: {") and '"usage"' in line:
-            try:
-                u = json.loads(line[6:]).get("usage") or {}
-            except ValueError:
-                continue
-            return {"prompt_tokens": u.get("prompt_tokens"), "completion_tokens": u.get("completion_tokens")}
-    return {}
+def route_header(record):
+    """Which way a request went (local, upstream, fallback): the client's only sign of it."""
+    return {"x-route": record["route"]}
+
+
+def prompt_chars(body, chat, tok=None):
+    """The prompt's size in characters, as --short_prompt_chars routes by it: a chat request's message texts
+    concatenated, a completion's prompt (the longest of a list; token ids as the local tokenizer decodes them).
+    A body too malformed to measure counts 0: it stays here and gets its 400."""
+    try:
+        if chat:
+            return sum(len(m["content"]) for m in parse_messages(body))
+        prompt = body.get("prompt")
+        if isinstance(prompt, str) or isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+            prompt = [prompt]
+        return max((len(p) if isinstance(p, str) else len(tok.decode(list(p))) if tok else len(p)
+                    for p in prompt), default=0)
+    except Exception:  # APIError, a decode of ids out of range, a prompt of the wrong type
+        return 0
+
+
+def sse_events(buffer):
+    """Split the complete server-sent events off a buffer: (events, the rest); each keeps its blank-line end."""
+    events, start = [], 0
+    for m in re.finditer(rb"\r\n\r\n|\n\n|\r\r", buffer):
+        events.append(buffer[start:m.end()])
+        start = m.end()
+    return events, buffer[start:]
+
+
+def sse_json(event):
+    """An event's `data: {...}` as a dict (None for [DONE], comments, anything else)."""
+    text = event.decode("utf-8", "replace").strip()
+    if not text.startswith("data: {"):
+        return None
+    try:
+        return json.loads(text[6:])
+    except ValueError:
+        return None
+
+
+def add_texts(texts, choices):
+    """Add a chunk's choices' texts (completions' text, chat's delta content) to texts[index]."""
+    for c in choices if isinstance(choices, list) else []:
+        if isinstance(c, dict):
+            piece = c.get("text") if "text" in c else (c.get("delta") or {}).get("content")
+            if isinstance(piece, str):
+                texts[c.get("index", 0)] = texts.get(c.get("index", 0), "") + piece
 
 
 def build_app(state):
@@ -1528,6 +1746,38 @@ def _int_in(lo, hi=None):
     return parse
 
 
+def _seconds(text):
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 86400):
+        raise argparse.ArgumentTypeError(f"must be between 0 and 86400 seconds (not 0), got {text!r}")
+    return value
+
+
+def _bool(text):
+    """An argparse type for --flag=True/False, as configurator.py spells booleans."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"must be True or False, got {text!r}")
+    return value
+
+
+def check_redis_url(url):
+    """A --trace_redis URL redis-py can connect with (redis://, rediss://, unix://); a one-line reason if not."""
+    try:
+        import redis
+    except ImportError:
+        return "needs the redis client: pip install redis"
+    try:
+        redis.connection.ConnectionPool.from_url(url)
+    except Exception as e:  # ValueError for a scheme, port or db it cannot read
+        return f"must be redis://HOST:PORT/DB (or rediss://, unix://), got {url!r}: {e}"
+    return None
+
+
 MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))  # far past the cores torch only slows down (and 1e5 crashes it)
 
 
@@ -1548,6 +1798,17 @@ def parse_args(argv):
     p.add_argument("--upstream_api_key", default=None, help="key for the upstream (default: the client's own)")
     p.add_argument("--fallback", default=None, metavar="NAME",
                    help="local model that answers when the upstream is down")
+    p.add_argument("--short_prompt_chars", type=_int_in(0), default=None, metavar="N",
+                   help="with --upstream: prompts (chat: the messages' text) of at most N characters are answered "
+                   "by the local model, longer ones upstream under the same model name (e.g. 120)")
+    p.add_argument("--upstream_connect_timeout", type=_seconds, default=3.0,
+                   help="seconds to connect to the upstream before it counts as down (then --fallback answers)")
+    p.add_argument("--upstream_timeout", type=_seconds, default=600.0,
+                   help="seconds the upstream may take for its headers, and between streamed pieces")
+    p.add_argument("--trace_redis", default=None, metavar="URL",
+                   help="redis://HOST:PORT/DB: push each trace onto the llm_traces list (the file while it is down)")
+    p.add_argument("--trace_content", type=_bool, default=False,
+                   help="True: traces hold the prompt and completion texts (default: only sizes and timings)")
     p.add_argument("--trace_file", default=None, help="JSONL, a line per request (default: out-serve/trace.jsonl); "
                    "a new file or a trace of this server's, never a link")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -1567,7 +1828,7 @@ def parse_args(argv):
                    help="uvicorn's log level (info shows every request)")
     args = p.parse_args(argv)
     for flag in ("init_from", "model_name", "host", "trace_file", "tokenizer", "api_key", "upstream",
-                 "upstream_api_key", "fallback", "device"):
+                 "upstream_api_key", "fallback", "device", "trace_redis"):
         value = getattr(args, flag)
         if value is not None and not value.strip():
             fail(f"--{flag} is empty: give a value or leave the flag out", code=2)
@@ -1603,6 +1864,11 @@ def parse_args(argv):
         fail(f"--fallback {args.fallback!r} is not a local model (local: {', '.join(names) or 'none'})", code=2)
     if args.fallback and not args.upstream:
         fail("--fallback needs --upstream", code=2)
+    if args.short_prompt_chars is not None and not (args.upstream and specs):
+        fail("--short_prompt_chars routes long prompts to --upstream and short ones to a local model: give both "
+             "--upstream URL and --init_from (or --model)", code=2)
+    if args.trace_redis and (problem := check_redis_url(args.trace_redis)):
+        fail(f"--trace_redis {problem}", code=2)
     if args.upstream:
         from urllib.parse import urlsplit
         try:
@@ -1667,11 +1933,13 @@ def main(argv=None):
         except Exception as e:
             fail(f"{flag}: cannot load model {name!r} from {path}: {type(e).__name__}: {e}")
     try:
-        trace = TraceLog(trace_path)
+        trace = TraceSink(TraceLog(trace_path), args.trace_redis)
     except TraceError as e:
         fail(f"--trace_file: {e}", code=2)
-    upstream = Upstream(args.upstream, args.upstream_api_key) if args.upstream else None
-    state = App(models, upstream, args.fallback, args.api_key, trace, args.default_max_tokens)
+    upstream = Upstream(args.upstream, args.upstream_api_key, args.upstream_connect_timeout,
+                        args.upstream_timeout) if args.upstream else None
+    state = App(models, upstream, args.fallback, args.api_key, trace, args.default_max_tokens,
+                args.short_prompt_chars, args.trace_content)
     import uvicorn
     config = uvicorn.Config(build_app(state), log_level=args.log_level, timeout_graceful_shutdown=3,
                             access_log=args.log_level in ("debug", "info", "trace"))
@@ -1679,7 +1947,16 @@ def main(argv=None):
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     summary = ", ".join(f"{lm.name} ({lm.path}, {lm.chat_format or 'completions only'})" for lm in models) or "none"
-    say(f"serve: {summary} on {device}; upstream {args.upstream or 'none'}; trace {trace_path}")
+    if args.trace_redis:
+        import redis
+        try:
+            redis.Redis.from_url(args.trace_redis, socket_connect_timeout=1, socket_timeout=1).ping()
+        except Exception as e:  # not fatal: the traces go to the file until it is up
+            say(f"serve: note: Redis at {args.trace_redis} cannot be reached ({type(e).__name__}): traces go to "
+                f"{trace_path} until it is up")
+    routing = f" (prompts over {args.short_prompt_chars} characters)" if args.short_prompt_chars is not None else ""
+    traces = f"redis {args.trace_redis} (else {trace_path})" if args.trace_redis else trace_path
+    say(f"serve: {summary} on {device}; upstream {args.upstream or 'none'}{routing}; traces {traces}")
     for lm in models:
         if lm.chat_format is None:
             say(f"serve: note: {lm.name} is not a chat model here: {lm.no_chat} (give --chat_format)")

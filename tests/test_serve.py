@@ -137,9 +137,15 @@ class Server:
                 self.proc.wait(timeout=10)
 
 
-def read_trace(path):
-    lines = Path(path).read_text().splitlines()
-    return [json.loads(line) for line in lines]
+def read_trace(path, at_least=0, timeout=10):
+    """The trace's records, once it holds at least `at_least` (a background thread writes them, just after the
+    response is sent)."""
+    deadline = time.time() + timeout
+    while True:
+        lines = Path(path).read_text().splitlines() if Path(path).exists() else []
+        if len(lines) >= at_least or time.time() > deadline:
+            return [json.loads(line) for line in lines]
+        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -705,13 +711,18 @@ def test_upstream_forwarding_then_fallback(servers, reference):
     assert client.completions.create(model="front", prompt="x", max_tokens=2).model == "front"  # local
 
     remote.stop()
-    health = front.health()
-    assert health["upstream"]["status"] == "down" and health["status"] == "degraded"
+    deadline = time.time() + 10  # /health probes the upstream at most every Upstream.CHECK_EVERY_S seconds
+    while (health := front.health())["upstream"]["status"] == "up" and time.time() < deadline:
+        time.sleep(0.2)
+    assert health["upstream"]["status"] == "down" and health["status"] == "degraded" and not health["upstream_up"]
     r = client.completions.create(model="remote", prompt="Hello", max_tokens=6, temperature=0)
     assert r.model == "front" and r.choices[0].text == ENC.decode(reference(ENC.encode("Hello"), 6))
     chunks = list(client.completions.create(model="remote", prompt="Hi", max_tokens=3, stream=True))
     assert chunks[-1].choices[0].finish_reason == "length"
-    routes = [t["route"] for t in read_trace(servers["front_trace"])]
+    deadline = time.time() + 10  # the trace's lines are written just after the responses
+    while (routes := [t["route"] for t in read_trace(servers["front_trace"])])[-2:] != ["fallback"] * 2 \
+            and time.time() < deadline:
+        time.sleep(0.05)
     assert "upstream" in routes and routes[-2:] == ["fallback", "fallback"]
 
 
@@ -724,7 +735,7 @@ def test_trace_has_a_line_per_request(servers, client):
     client.completions.create(model="tiny", prompt="trace me", max_tokens=3)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x")
-    records = read_trace(servers["trace"])  # read while the server runs: each line is flushed as written
+    records = read_trace(servers["trace"], before + 2)  # read while the server runs: written as they come
     assert len(records) == before + 2
     ok, bad = records[-2:]
     assert ok["status"] == 200 and ok["model"] == "tiny" and ok["endpoint"] == "/v1/completions"
