@@ -32,9 +32,24 @@ Anything else (another run's out_dir or checkpoint, a dataset, a Hugging Face mo
 refused unless --overwrite=True; then the export's files are renamed in over their namesakes one by one (a
 checkpoint's ckpt/ is left as it is) and other files stay. The run's own out_dir is always refused.
 
+--push_to_hub=user/name: once the export is complete in export_dir, upload it to that Hugging Face repo (created if
+missing; --private=True creates it private) as one commit on --revision (main; another branch is created from
+main), with a model card, README.md, written into the export first (--model_card=True writes one without
+pushing). The token is huggingface_hub's: HF_TOKEN, or the one `hf auth login` saved. The commit holds the export's
+files and deletes the repo's files of an earlier export that this one lacks (a stale model.safetensors would be
+loaded instead of new shards, an old adapter_config.json would turn a merged model into an adapter); other files
+in the repo stay. The repo id, the token's presence and HF_HUB_OFFLINE are checked before any export work; a
+failed upload (offline, a bad token, no write access) is one error line and leaves the export complete.
+The card's YAML front matter is what the Hub indexes: library_name (transformers, or peft for an adapter),
+base_model (the hub model the run started from: for a merged model also through earlier runs' out_dirs, for an
+adapter only when it applies to that model itself), license (--license, else the base model's card's, else
+"other"), pipeline_tag text-generation and tags. Its body: the architecture, the training recipe from the
+checkpoint's train_config, the best val loss and the one at the exported iteration (out_dir/history.jsonl), and
+eval.py's results (out_dir/eval_results.json, when written after the checkpoint) as a table.
+
 Errors a user can cause (no checkpoint or a corrupt one, no --export_dir, an export_dir that is a file, cannot be
-created, or holds what export.py did not write, --adapter_only on a run without adapters) print one line on
-stderr starting "error: " and exit with status 2.
+created, or holds what export.py did not write, --adapter_only on a run without adapters, a bad --push_to_hub
+repo id, no token, a failed upload) print one line on stderr starting "error: " and exit with status 2.
 """
 import json
 import os
@@ -52,6 +67,7 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 import devices
 import hf
+import lossplot
 from configurator import apply_overrides
 from model import GPT
 from tokenizer import TokenizerError, hf_tokenizer_files, load_tokenizer
@@ -63,6 +79,12 @@ DEFAULTS = dict(
     dtype='bfloat16',      # merged weights: bfloat16, float16 or float32
     max_shard_gb=5.0,      # merged weights: above this, several safetensors files and an index
     overwrite=False,       # True: write into an export_dir that holds other things (see above)
+    push_to_hub='',        # a Hugging Face repo id (user/name): upload the finished export there
+    private=False,         # push_to_hub: create the repo private (an existing public repo is refused, not changed)
+    revision='main',       # push_to_hub: the branch to commit to (created if missing)
+    commit_message='',     # push_to_hub: '' = "Upload <what> exported by nanoforge (iter N)"
+    license='',            # the model card's license: '' = the base model's (its card's), else 'other'
+    model_card=False,      # True: write README.md, the model card, also without push_to_hub (which always does)
 )
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model',
                    'chat_template.jinja', 'generation_config.json', 'vocab.json', 'merges.txt')
@@ -72,8 +94,9 @@ PARAMETER_MODULES = {'mlp.experts': ('gate_up_proj', 'down_proj'), 'mlp.router':
 
 
 # what an export folder holds: anything else in an existing export_dir means it is not (only) an earlier export
+CARD = 'README.md'  # the model card
 EXPORT_FILES = {'config.json', 'model.safetensors', 'model.safetensors.index.json', checkpoint.META,
-                'adapter_config.json', 'adapter_model.safetensors', *TOKENIZER_FILES}
+                'adapter_config.json', 'adapter_model.safetensors', CARD, *TOKENIZER_FILES}
 SHARD = re.compile(r'model-\d+-of-\d+\.safetensors|\..*\.tmp')  # weight shards; hf.save_pretrained's temp files
 
 
@@ -320,6 +343,277 @@ def export_adapter(model, origin, export_dir):
     return sorted(os.listdir(export_dir))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the model card (README.md) and the upload to the Hugging Face Hub
+
+FAMILY_NAMES = {'gpt2': 'GPT-2', 'gemma3_text': 'Gemma 3', 'gpt_oss': 'GPT-OSS'}
+# the train_config keys of the card's recipe table, in this order (those the checkpoint has); the whole config
+# follows in a collapsed block, without the training machine's own paths
+RECIPE_KEYS = ('dataset', 'batch_size', 'gradient_accumulation_steps', 'block_size', 'optimizer', 'learning_rate',
+               'min_lr', 'decay_lr', 'warmup_iters', 'lr_decay_iters', 'weight_decay', 'beta1', 'beta2', 'grad_clip',
+               'dropout', 'dtype', 'base_dtype', 'model_overrides', 'seed')
+LOCAL_KEYS = ('REPO', 'out_dir')
+# files of an earlier export in the hub repo that a push deletes unless this export has them
+STALE_PATTERNS = sorted(EXPORT_FILES) + ['model-*-of-*.safetensors']
+
+
+def run_folder(info):
+    """The train.py out_dir of a checkpoint: where history.jsonl and eval_results.json are."""
+    ckpt = Path(info['dir'])
+    return ckpt.parent if ckpt.name in (checkpoint.CKPT, checkpoint.OLD) else ckpt
+
+
+def is_hub_id(name):
+    """True for a Hugging Face hub id (train.py keeps local paths absolute, so anything else is one)."""
+    if name in ('scratch', '') or name.startswith(('.', '/', '~')) or os.path.exists(name):
+        return False
+    try:
+        hf.hub().utils.validate_repo_id(name)
+    except ValueError:
+        return False
+    return True
+
+
+def first_origin(origin):
+    """Where a chain of runs began: an out_dir's init_from, followed back to scratch or a Hugging Face model or
+    folder (a run fine-tuned from a run fine-tuned from gpt2 derives from gpt2)."""
+    for _ in range(32):  # a bound: hand-edited configs could make a loop
+        if checkpoint.find(origin) is None:
+            return origin
+        try:
+            origin = checkpoint.read(origin).get('init_from', 'scratch')
+        except checkpoint.CheckpointError:  # moved or damaged since: the chain ends here
+            return origin
+    return origin
+
+
+def base_license(origin):
+    """license (and license_name, license_link) from the card of the Hugging Face model a run started from: its
+    README.md in a local folder, or on the hub; {} for scratch, no card, or offline."""
+    hub = hf.hub()
+    try:
+        if os.path.isfile(os.path.join(origin, CARD)):
+            data = hub.ModelCard.load(os.path.join(origin, CARD), ignore_metadata_errors=True).data.to_dict()
+        elif is_hub_id(origin):
+            card = hub.HfApi().model_info(origin, expand=['cardData'], timeout=10).card_data
+            data = card.to_dict() if card is not None else {}
+        else:
+            return {}
+    except Exception:  # offline, no such repo, a card that does not parse: --license or 'other' then
+        return {}
+    return {k: data[k] for k in ('license', 'license_name', 'license_link') if isinstance(data.get(k), str)}
+
+
+def card_metadata(info, config, adapter, license):
+    """The card's YAML front matter: the fields the Hub indexes and filters by."""
+    origin = info.get('init_from', 'scratch')
+    root = first_origin(origin)
+    base = origin if adapter else root  # an adapter applies to its own base only, a merged model derives from all
+    licensing = {'license': license} if license else base_license(root) or {'license': 'other'}
+    tags = ['nanoforge', hf.family_of(config)] + (['lora'] if config.lora_rank else [])
+    return dict(base_model=base if is_hub_id(base) else None, library_name='peft' if adapter else 'transformers',
+                **licensing, pipeline_tag='text-generation', tags=tags)
+
+
+def shown(value):
+    """A config value for a public card: local paths by their last component only."""
+    if isinstance(value, str) and os.path.isabs(value):
+        return os.path.basename(value.rstrip('/')) or value
+    return value
+
+
+def count(n):
+    return f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:,.2f}M" if n >= 1e6 else f"{n:,}"
+
+
+def describe(config, n_params, n_adapter, meta, info, adapter, base_model):
+    """The card's first paragraph: what the model is and where it came from."""
+    shape = f"{config.n_layer} layers, {config.n_head} heads"
+    if config.n_kv_head and config.n_kv_head != config.n_head:
+        shape += f" ({config.n_kv_head} key/value heads)"
+    shape += (f", {config.n_embd}-dim embeddings, {config.block_size}-token context, {config.vocab_size:,}-token "
+              f"vocabulary")
+    if config.n_expert:
+        shape += f", {config.n_expert} experts ({config.n_expert_active} per token)"
+    tokenizer = f"tokenizer `{meta.get('tokenizer', '?')}`"
+    if meta.get('chat_format'):
+        tokenizer += f", chat format `{meta['chat_format']}`"
+    what = f"A PEFT LoRA adapter ({count(n_adapter)} parameters) for a" if adapter else "A"
+    text = (f"{what} {FAMILY_NAMES[hf.family_of(config)]}-architecture language model of {count(n_params)} "
+            f"parameters ({shape}; {tokenizer}), trained with nanoforge (nanoGPT-style) and exported with its "
+            f"export.py.")
+    origin = info.get('init_from', 'scratch')
+    if origin in ('scratch', ''):
+        text += " Trained from scratch."
+    else:
+        name = f"[{origin}](https://huggingface.co/{origin})" if is_hub_id(origin) else f"`{shown(origin)}`"
+        text += f" Fine-tuned from {name}"
+        if base_model and base_model != origin:
+            text += f", which descends from [{base_model}](https://huggingface.co/{base_model})"
+        text += "."
+    if config.lora_rank:
+        text += (f" LoRA rank {config.lora_rank}, alpha {config.lora_alpha:g}, on `{config.lora_targets}`"
+                 f"{': the adapter alone, for its base model.' if adapter else ', merged into the weights.'}")
+    return text
+
+
+def usage(adapter, where, base_model):
+    """How to load the export: transformers, or PEFT on the base model."""
+    if not adapter:
+        return ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                f"tokenizer = AutoTokenizer.from_pretrained(\"{where}\")\n"
+                f"model = AutoModelForCausalLM.from_pretrained(\"{where}\")\n```\n\nor `vllm serve {where}`.")
+    note = '' if base_model else '  # the model it was fine-tuned from, exported with export.py'
+    return ("```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+            f"base = AutoModelForCausalLM.from_pretrained(\"{base_model or 'BASE_MODEL'}\"){note}\n"
+            f"model = PeftModel.from_pretrained(base, \"{where}\")\n```")
+
+
+def cell(text):
+    return text.replace('|', '\\|')  # a bare | ends a markdown table cell, also inside `code`
+
+
+def recipe(info):
+    """The training recipe: a table of the main settings and the whole train_config, collapsed."""
+    config = {k: v for k, v in info.get('train_config', {}).items() if k not in LOCAL_KEYS}
+    rows = [('iterations', f"{info.get('iter_num', 0):,}" + (f" (max_iters {config['max_iters']:,})"
+                                                             if isinstance(config.get('max_iters'), int) else ''))]
+    try:
+        batch = config['batch_size'] * config['gradient_accumulation_steps']
+        rows.append(('tokens per iteration', f"{batch * config['block_size']:,} ({batch} sequences of "
+                                             f"{config['block_size']} tokens)"))
+    except (KeyError, TypeError):  # a checkpoint written by hand or by another tool
+        pass
+    rows += [(k, f"`{v if isinstance(v, str) else json.dumps(v)}`") for k in RECIPE_KEYS if k in config
+             for v in [shown(config[k])]]
+    table = "| setting | value |\n|---|---|\n" + "".join(f"| {k} | {cell(v)} |\n" for k, v in rows)
+    whole = json.dumps({k: shown(v) for k, v in config.items()}, indent=2)
+    return f"{table}\n<details><summary>the whole train.py config</summary>\n\n```json\n{whole}\n```\n\n</details>"
+
+
+def losses(info, folder):
+    """The best val loss and the losses evaluated at the exported iteration (history.jsonl), as lines."""
+    lines = []
+    if info.get('best_val_loss') is not None:
+        lines.append(f"- best val loss: **{info['best_val_loss']:.4f}**")
+    history = folder / 'history.jsonl'
+    at = [r for r in (lossplot.read_history(history) if history.is_file() else [])
+          if r.get('iter') == info.get('iter_num') and 'val_loss' in r]
+    if at:
+        lines.append(f"- at iteration {at[-1]['iter']:,} (this model): val loss {at[-1]['val_loss']:.4f}, "
+                     f"train loss {at[-1].get('train_loss', float('nan')):.4f}")
+    return lines
+
+
+def eval_table(folder, info):
+    """eval.py's results (lm-evaluation-harness) as a table, when out_dir has them for this checkpoint: results
+    written before the checkpoint (the run went on since) are not this model's."""
+    path = folder / 'eval_results.json'
+    try:
+        if path.stat().st_mtime < (Path(info['dir']) / checkpoint.CONFIG).stat().st_mtime:
+            return None
+        results = json.loads(path.read_text(encoding='utf-8'))
+        shots, samples = results.get('n-shot', {}), results.get('n-samples', {})
+        rows = []
+        for task, metrics in sorted(results['results'].items()):
+            for key, value in metrics.items():
+                metric, _, filter_ = key.partition(',')
+                if not filter_ or '_stderr' in metric or not isinstance(value, (int, float)):
+                    continue
+                stderr = metrics.get(f"{metric}_stderr,{filter_}")
+                n = samples.get(task, {}).get('effective', '')
+                rows.append(f"| {task} | {metric}{'' if filter_ == 'none' else f' ({filter_})'} | {value:.4f} | "
+                            f"{f'{stderr:.4f}' if isinstance(stderr, (int, float)) else ''} | "
+                            f"{shots.get(task, '')} | {n} |")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, or not lm-eval's format
+        return None
+    if not rows:
+        return None
+    head = "| task | metric | value | stderr | n-shot | examples |\n|---|---|---:|---:|---:|---:|\n"
+    return head + "\n".join(rows)
+
+
+def model_card(info, meta, model, adapter, license, where, title):
+    """README.md: YAML front matter for the Hub, then what the model is, how to load it (from `where`), the
+    training recipe and the results the run recorded."""
+    config = checkpoint.model_config(info)  # as trained: the merge has set the model's lora_rank to 0
+    metadata = card_metadata(info, config, adapter, license)
+    folder = run_folder(info)
+    n_adapter = sum(p.numel() for p in model.lora_parameters())  # 0 once merged
+    sections = [f"# {title}", describe(config, model.num_params() - n_adapter, n_adapter, meta, info, adapter,
+                                       metadata['base_model']),
+                "## Usage", usage(adapter, where, metadata['base_model']), "## Training", recipe(info)]
+    results = losses(info, folder)
+    table = eval_table(folder, info)
+    if results or table:
+        sections += ["## Results", "\n".join(results)]
+        if table:
+            sections += ["Evaluated with eval.py (EleutherAI's lm-evaluation-harness):", table]
+    front = hf.hub().ModelCardData(**metadata).to_yaml()
+    return f"---\n{front}\n---\n\n" + "\n\n".join(s for s in sections if s) + "\n"
+
+
+def check_push(args):
+    """--push_to_hub's settings, checked before the export's work so that a typo costs a second, not minutes."""
+    hub = hf.hub()
+    repo_id = args['push_to_hub']
+    try:
+        hub.utils.validate_repo_id(repo_id)
+    except ValueError as e:
+        fail(f"--push_to_hub={repo_id!r} is not a Hugging Face repo id ({' '.join(str(e).split())}): give one "
+             f"like your-name/model-name")
+    if not args['revision']:
+        fail("--revision must name a branch (main, the default, or another one, which is created)")
+    if hub.constants.HF_HUB_OFFLINE:
+        fail("--push_to_hub needs the network, but HF_HUB_OFFLINE is set: unset it (or export without "
+             "--push_to_hub)")
+    try:
+        token = hub.get_token()
+    except Exception as e:  # HF_OIDC_RESOURCE set and its token exchange failed
+        fail(f"--push_to_hub: no Hugging Face token ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
+    if token is None:
+        fail("--push_to_hub needs a Hugging Face token with write access: set HF_TOKEN or run `hf auth login`")
+
+
+def push_to_hub(folder, files, repo_id, private=False, revision='main', commit_message='Upload model'):
+    """Upload `files` of the finished export in `folder` as one commit on `revision` of the model repo `repo_id`
+    (created if missing), deleting the repo's earlier export files that are not among them; returns the repo id
+    (a bare name lands in the token's own namespace). Raises huggingface_hub's errors."""
+    hub = hf.hub()
+    api = hub.HfApi()  # token=None: huggingface_hub's own (HF_TOKEN, or `hf auth login`'s)
+    repo_id = api.create_repo(repo_id, private=True if private else None, exist_ok=True).repo_id
+    if private and not api.model_info(repo_id, expand=['private']).private:
+        raise PermissionError(f"{repo_id} exists and is public, and --private=True does not change an existing repo: "
+                              f"make it private in its settings on the Hub, or push to a new repo id")
+    if revision != 'main':
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message,
+                      allow_patterns=list(files), delete_patterns=STALE_PATTERNS)
+    return repo_id
+
+
+def push_failure(error, repo_id):
+    """One line on why an upload failed and what to do."""
+    response = getattr(error, 'response', None)
+    status = getattr(response, 'status_code', None)
+    detail = ' '.join(str(getattr(error, 'server_message', None) or error).split())[:200]
+    if isinstance(error, PermissionError):
+        return str(error)
+    if status == 401:
+        return (f"the Hub did not accept the token (401 {detail}): set HF_TOKEN to a token with write access "
+                f"(https://huggingface.co/settings/tokens) or run `hf auth login`")
+    if status == 403:
+        return (f"the token may not write to {repo_id} (403 {detail}): use a token with write access to that "
+                f"namespace, or push to your own your-name/model-name")
+    if status is not None:
+        return f"the Hub refused the upload to {repo_id} ({status} {detail})"
+    if isinstance(error, ValueError):  # the Hub's check of README.md's metadata, before anything is uploaded
+        return (f"the Hub refused the model card of the upload to {repo_id} ({detail}): fix what it names, e.g. "
+                f"pass a --license the Hub knows (apache-2.0, mit, other, ...)")
+    return (f"could not reach the Hugging Face Hub at {hf.hub().constants.ENDPOINT} ({type(error).__name__}: "
+            f"{detail}): check the network (and HF_ENDPOINT if set)")
+
+
 def main(argv):
     args = apply_overrides(dict(DEFAULTS), argv)
     if not args['export_dir']:
@@ -329,6 +623,8 @@ def main(argv):
         fail(f"--dtype {args['dtype']!r} is not one of {', '.join(devices.DTYPES)}")
     if not args['max_shard_gb'] > 0:
         fail(f"--max_shard_gb must be positive, not {args['max_shard_gb']}")
+    if args['push_to_hub']:
+        check_push(args)
     target, mode = check_export_dir(args['export_dir'], args['out_dir'], args['overwrite'])
     try:
         model, info, meta = load_run(args['out_dir'])
@@ -345,6 +641,11 @@ def main(argv):
             files = export_adapter(model, origin, staging)
         else:
             files = export_merged(model, meta, origin, staging, dtype, int(args['max_shard_gb'] * 2**30))
+        if args['model_card'] or args['push_to_hub']:  # in the staging folder: part of the export, renamed with it
+            card = model_card(info, meta, model, args['adapter_only'], args['license'],
+                              args['push_to_hub'] or args['export_dir'], args['push_to_hub'] or target.name)
+            (staging / CARD).write_text(card, encoding='utf-8')
+            files = sorted(os.listdir(staging))
         size = sum(os.path.getsize(staging / f) for f in files)
         publish(staging, target, mode)
     except ValueError as e:  # an architecture the Hugging Face layout cannot express, a run without adapters
@@ -356,6 +657,16 @@ def main(argv):
         shutil.rmtree(staging, ignore_errors=True)
     what = 'PEFT adapter' if args['adapter_only'] else f"merged {args['dtype']} model"
     print(f"wrote {what} to {args['export_dir']} ({size / 2**20:,.1f} MiB): {', '.join(files)}")
+    if args['push_to_hub']:
+        repo_id = args['push_to_hub']
+        message = args['commit_message'] or f"Upload {what} exported by nanoforge (iter {info.get('iter_num', 0)})"
+        try:
+            repo_id = push_to_hub(target, files, repo_id, args['private'], args['revision'], message)
+        except Exception as e:  # whatever the network or the Hub says: one line, and the export stays as it is
+            fail(f"{push_failure(e, repo_id)}; the export in {args['export_dir']} is complete: run again to retry, "
+                 f"or upload it with `hf upload {repo_id} {args['export_dir']}`")
+        print(f"pushed to {hf.hub().constants.ENDPOINT}/{repo_id}"
+              f"{'' if args['revision'] == 'main' else '/tree/' + args['revision']}")
 
 
 if __name__ == '__main__':
