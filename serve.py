@@ -206,7 +206,7 @@ class Batcher:
     for all that generate, their first tokens sampled from it), then one decode forward for every active row. A
     row leaves the batch as soon as it finishes, and its slot is reused at the next step."""
 
-    def __init__(self, model, name="model", max_batch=16, max_prefill_tokens=4096):
+    def __init__(self, model, name="model", max_batch=64, max_prefill_tokens=4096):
         self.model, self.name = model, name
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
         # the longest row (<= block_size) plus the longest remaining run (<= block_size)
@@ -439,7 +439,7 @@ def chat_format_problem(tok, chat_format):
     return None
 
 
-def load_local_model(name, path, device, dtype, chat_format=None, tokenizer=None, max_batch=16,
+def load_local_model(name, path, device, dtype, chat_format=None, tokenizer=None, max_batch=64,
                      max_prefill_tokens=4096):
     """A checkpoint (out_dir or Hugging Face directory / hub id, via checkpoint.load_model) with its tokenizer,
     chat format and a batcher of its own. A chat format the tokenizer cannot render is a StartupError when
@@ -1817,7 +1817,9 @@ def parse_args(argv):
                    help="override the models' chat format")
     p.add_argument("--tokenizer", default=None,
                    help="override the checkpoints' tokenizer (e.g. gpt2 for a Hugging Face gemma3-compact)")
-    p.add_argument("--max_batch", type=_int_in(1), default=16, help="rows decoded together, per model")
+    p.add_argument("--max_batch", type=_int_in(1), default=64,
+                   help="rows decoded together, per model (more wait, first come first served; the KV cache "
+                   "grows with the rows in use, not with this)")
     p.add_argument("--max_prefill_tokens", type=_int_in(1), default=4096, help="prompt tokens admitted per step")
     p.add_argument("--default_max_tokens", type=_int_in(1), default=256,
                    help="chat max_tokens when the request has none")
