@@ -10,6 +10,9 @@ Benchmarks for nanoforge's model.py, nanoGPT style: config as globals, overridde
     python bench.py --mode=decode --extra=True --threads=1  # + gemma3-270m, gpt-oss-compact, KV memory at 1-4k
     python bench.py --mode=decode --profile=True --compile=True  # profiler table; compiled decode step
     python bench.py --mode=kvmemory --gen_tokens=4000  # KV-cache bytes and RSS of one long generation
+    python bench.py --mode=recipe --recipe_rounds=3   # nanoGPT's own train.py vs ours on its CPU recipe; our Muon one
+    python bench.py --mode=recipe --profile=True --recipe_rounds=0  # torch.profiler summary of each (no timing)
+    python bench.py --mode=recipe --recipe_baseline=../old --recipe_compile=True  # + an older checkout, compiled
     python bench.py --help                            # every knob and its default
 
 Model knobs left at 0 / '' take the mode's default (MODE_DEFAULTS below); `model_args` sets any other
@@ -48,7 +51,7 @@ from ops import attention, band_layout
 
 # -----------------------------------------------------------------------------
 # default config values
-mode = 'train'          # train | sliding | moe | decode | kvmemory | eval | recipe
+mode = 'train'          # train | sliding | moe | decode | kvmemory | eval | recipe | serve
 model = ''              # a GPTConfig preset (GPTConfig.presets()); '' = the mode's default
 n_layer = 0             # 0 = the mode's default (else the preset's value)
 n_head = 0
@@ -75,12 +78,21 @@ extra_tokens = 32       # tokens generated on the extra models
 oss_model = 'gpt-oss-compact'  # decode mode's GPT-OSS model (1.44B parameters, ~5.8 GB in fp32)
 memory_lengths = (1000, 2000, 4000)  # decode mode: generation lengths of the kvmemory runs
 gen_tokens = 4000       # kvmemory mode: tokens to generate
-profile = False         # decode mode: torch.profiler table of the gpt2 decode step
+profile = False         # decode mode: torch.profiler table of the gpt2 decode step; recipe mode: of each run
 # recipe mode: nanoGPT's own train.py on its CPU recipe vs ours, and our time-to-quality recipe
 nanogpt = ''            # nanoGPT's scripts (model.py, train.py, configurator.py, data/); '' = ../shared/anchors/nanoGPT
 recipe_iters = 2000     # iterations of the shared recipe (nanoGPT's shakespeare_char CPU settings)
 recipe_rounds = 1       # whole runs per contender, alternating
 recipe_input = ''       # the Shakespeare text; '' = ../shared/data/tinyshakespeare/input.txt
+recipe_compile = False  # also our train.py with --compile=True (its compile time counts in its whole run)
+recipe_baseline = ''    # another nanoforge checkout (e.g. a git worktree of an older commit): its train.py too
+recipe_profile_iters = 100  # profile=True: iterations of each contender's profiled run
+# serve mode: serve.py vs `transformers serve --continuous-batching`, the same checkpoint, streaming clients
+serve_clients = (1, 8, 32)  # concurrent streaming clients
+serve_tokens = 64       # max_tokens of each request
+serve_requests = 2      # requests per client (sent one after another); the 1-client case sends 4
+serve_rounds = 2        # rounds per contender, alternating which server goes first
+serve_args = ''         # extra serve.py flags for a third contender, e.g. "--threads=2" ('' = none)
 # eval mode
 eval_docs = 24          # documents per task shape (a multiple-choice one: 4 endings each; a single-continuation one)
 eval_batch = 16         # rows per forward for both contenders
@@ -104,6 +116,7 @@ MODE_DEFAULTS = {
     'decode': dict(model='gpt2', warmup=1, repeats=2),
     'eval': dict(model='gpt2', warmup=1, repeats=3),
     'recipe': dict(model='gpt2'),  # (the recipes name their own models)
+    'serve': dict(model='gpt2'),   # GPT-2 124M shape, random weights, with GPT-2's tokenizer files
     # a small Gemma 3 (5 sliding layers of window 512, 1 full; 4 KV heads of 256) built for 4096+ tokens
     'kvmemory': dict(model='gemma3-compact', n_layer=6, n_embd=256, batch_size=1,
                      model_args='n_kv_head=4,mlp_hidden=1024'),
@@ -759,6 +772,38 @@ def bench_eval():
 RECIPE = ['--device=cpu', '--compile=False', '--eval_iters=20', '--block_size=64', '--batch_size=12', '--n_layer=4',
           '--n_head=4', '--n_embd=128', '--dropout=0.0']  # nanoGPT's README CPU settings, the same for both
 
+# one train.py run under torch.profiler (run in a child process: python -c PROFILE_RUN script iters rows args...)
+PROFILE_RUN = r'''
+import os, runpy, sys
+from torch.profiler import ProfilerActivity, profile
+script, iters, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sys.argv = [script] + sys.argv[4:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+with profile(activities=[ProfilerActivity.CPU]) as prof:
+    try:
+        runpy.run_path(script, run_name='__main__')
+    except SystemExit as e:
+        if e.code:
+            raise
+ka = prof.key_averages()
+total = sum(e.self_cpu_time_total for e in ka)
+share = lambda names: 100 * sum(e.self_cpu_time_total for e in ka if e.key in names) / total
+syncs = sum(e.count for e in ka if e.key in ('aten::item', 'aten::_local_scalar_dense'))
+matmul = share({'aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm'})
+attention = share({'aten::_scaled_dot_product_flash_attention_for_cpu',
+                   'aten::_scaled_dot_product_flash_attention_for_cpu_backward'})
+print('@@PROFILE@@')
+print(f"{sum(e.count for e in ka) / iters:.0f} profiled ops per iteration, {total / 1e3 / iters:.1f} ms self CPU per "
+      f"iteration (under the profiler), {syncs / iters:.1f} host syncs (item) per iteration; matmul kernels "
+      f"{matmul:.0f}%, attention kernels {attention:.0f}%, the rest {100 - matmul - attention:.0f}% of self CPU time")
+print()
+print('| op | self ms/iter | share | calls/iter |')
+print('|---|---:|---:|---:|')
+for e in sorted(ka, key=lambda e: -e.self_cpu_time_total)[:rows]:
+    print(f"| {e.key[:70]} | {e.self_cpu_time_total / 1e3 / iters:.2f} | {100 * e.self_cpu_time_total / total:.1f}% | "
+          f"{e.count / iters:.1f} |")
+'''
+
 
 def run_recipe(cmd, cwd):
     """(wall seconds, median ms per logged iteration, last val loss) of one training run, from its output."""
@@ -773,10 +818,32 @@ def run_recipe(cmd, cwd):
     return wall, med(ms[1:] or ms), vals[-1]
 
 
+def profile_recipe(cmd, cwd, iters):
+    """The profile summary of a short run of cmd (a train.py command line: the last --max_iters/--eval_* win)."""
+    script, args = cmd[1], cmd[2:] + [f'--max_iters={iters}', f'--eval_interval={iters}', '--eval_iters=1']
+    out = subprocess.run([sys.executable, '-c', PROFILE_RUN, script, str(iters), '15', *args], cwd=cwd,
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"error: profiling {' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+    return out.stdout.split('@@PROFILE@@\n', 1)[1]
+
+
+def cpu_pressure():
+    """Linux's CPU pressure (the share of time some task waited for a CPU, last 60 s), or '' where there is none."""
+    try:
+        with open('/proc/pressure/cpu') as f:
+            return f", CPU pressure {f.read().split()[2].split('=')[1]}%"
+    except (OSError, IndexError):
+        return ''
+
+
 def bench_recipe():
     """nanoGPT (its own scripts, unmodified, from ../shared/anchors) and ours train the same model on the same
     prepared characters with the same settings; whole runs alternate. Then our Muon recipe
-    (config/train_shakespeare_char_fast.py), timed the same way, against nanoGPT's whole run."""
+    (config/train_shakespeare_char_fast.py), timed the same way, against nanoGPT's whole run; with
+    recipe_compile=True also ours compiled (the compile time inside its whole run); recipe_baseline=DIR also another
+    checkout's (before/after in the same rounds). profile=True first prints a torch.profiler summary of a
+    recipe_profile_iters-iteration run of each (recipe_rounds=0: only that)."""
     import shutil
     repo = os.path.dirname(os.path.abspath(__file__))
     anchor = nanogpt or os.path.join(repo, '..', 'shared', 'anchors', 'nanoGPT')
@@ -784,6 +851,12 @@ def bench_recipe():
     for path in (os.path.join(anchor, 'train.py'), text):
         if not os.path.isfile(path):
             raise SystemExit(f"error: {path} not found: give --nanogpt=DIR (nanoGPT's scripts) and --recipe_input=FILE")
+    # nanoGPT evaluates only at multiples of eval_interval (250): a shorter run evaluates at its end instead
+    evals = [] if recipe_iters % 250 == 0 else [f'--eval_interval={recipe_iters}']
+    settings = [*RECIPE, f'--max_iters={recipe_iters}', f'--lr_decay_iters={recipe_iters}', *evals]
+    header(f"nanoGPT's shakespeare_char CPU recipe ({recipe_iters} iterations), side by side")
+    print(f"settings for both: {' '.join(settings)}; nanoGPT: its own scripts ({anchor}), unmodified; "
+          f"{recipe_rounds} whole run(s) each, alternating\n")
     with tempfile.TemporaryDirectory() as tmp:
         theirs = os.path.join(tmp, 'nanoGPT')
         shutil.copytree(anchor, theirs)  # its scripts write beside themselves: a copy, never the original
@@ -797,26 +870,46 @@ def bench_recipe():
                          ([sys.executable, os.path.join(repo, 'data', 'shakespeare_char', 'prepare.py'),
                            f'--input={text}', f'--out_dir={ours_data}'], repo)):
             subprocess.run(cmd, cwd=cwd, check=True, capture_output=True)
-        iters = [f'--max_iters={recipe_iters}', f'--lr_decay_iters={recipe_iters}']
+        ours = [sys.executable, os.path.join(repo, 'train.py')]
         contenders = {
-            'nanoGPT train.py': ([sys.executable, 'train.py', 'config/train_shakespeare_char.py', *RECIPE, *iters,
+            'nanoGPT train.py': ([sys.executable, 'train.py', 'config/train_shakespeare_char.py', *settings,
                                   f'--out_dir={tmp}/out-nanogpt'], theirs),
-            'nanoforge train.py': ([sys.executable, os.path.join(repo, 'train.py'), 'config/train_shakespeare_char.py',
-                                    *RECIPE, *iters, f'--dataset={ours_data}', f'--out_dir={tmp}/out-ours'], repo),
-            'nanoforge fast recipe (Muon)': ([sys.executable, os.path.join(repo, 'train.py'),
-                                              'config/train_shakespeare_char_fast.py', f'--dataset={ours_data}',
-                                              f'--out_dir={tmp}/out-fast'], repo),
+            'nanoforge train.py': ([*ours, 'config/train_shakespeare_char.py', *settings, f'--dataset={ours_data}',
+                                    f'--out_dir={tmp}/out-ours'], repo),
+            'nanoforge fast recipe (Muon)': ([*ours, 'config/train_shakespeare_char_fast.py',
+                                              f'--dataset={ours_data}', f'--out_dir={tmp}/out-fast'], repo),
         }
-        load_before = os.getloadavg()[0]
+        if recipe_compile:
+            contenders['nanoforge train.py --compile=True'] = (
+                [*ours, 'config/train_shakespeare_char.py', *settings, '--compile=True', f'--dataset={ours_data}',
+                 f'--out_dir={tmp}/out-compiled'], repo)
+        if recipe_baseline:  # before/after: the other checkout's scripts on the same data, in the same rounds
+            base = os.path.abspath(recipe_baseline)
+            contenders['baseline train.py'] = ([sys.executable, os.path.join(base, 'train.py'),
+                                                'config/train_shakespeare_char.py', *settings,
+                                                f'--dataset={ours_data}', f'--out_dir={tmp}/out-base'], base)
+            contenders['baseline fast recipe (Muon)'] = ([sys.executable, os.path.join(base, 'train.py'),
+                                                          'config/train_shakespeare_char_fast.py',
+                                                          f'--dataset={ours_data}', f'--out_dir={tmp}/out-base-fast'],
+                                                         base)
+        if profile:
+            for name, (cmd, cwd) in contenders.items():
+                print(f"### torch.profiler: {name}, {recipe_profile_iters} iterations (+ 2 evals of one batch per "
+                      f"split; load average {os.getloadavg()[0]:.1f}{cpu_pressure()})\n")
+                print(profile_recipe(cmd, cwd, recipe_profile_iters))
+        if not recipe_rounds:
+            return
+        load_before = f"{os.getloadavg()[0]:.1f}{cpu_pressure()}"
         runs = {name: [] for name in contenders}
         for r in range(recipe_rounds):
             for name in (list(contenders) if r % 2 == 0 else list(reversed(contenders))):
                 runs[name].append(run_recipe(*contenders[name]))
-    header(f"nanoGPT's shakespeare_char CPU recipe ({recipe_iters} iterations), side by side")
-    print(f"settings for both: {' '.join(RECIPE)} --max_iters={recipe_iters}; nanoGPT: its own scripts "
-          f"({anchor}), unmodified; {recipe_rounds} whole run(s) each, alternating; ms/iter: the median of the "
-          f"logged iterations (evals excluded, the first logged one too); load average {load_before:.1f} before, "
-          f"{os.getloadavg()[0]:.1f} after\n")
+                wall, ms, val = runs[name][-1]
+                print(f"round {r + 1}: {name}: whole run {wall:.1f} s, median {ms:.1f} ms/iter, final val loss "
+                      f"{val:.4f} (load average {os.getloadavg()[0]:.1f}{cpu_pressure()})", flush=True)
+    print(f"\nms/iter: the median of the logged iterations (evals excluded, the first logged one too); whole run: "
+          f"start to exit, python's start included; load average {load_before} before, {os.getloadavg()[0]:.1f}"
+          f"{cpu_pressure()} after\n")
     base_wall, base_ms = med([w for w, _, _ in runs['nanoGPT train.py']]), med([m for _, m, _ in runs['nanoGPT train.py']])
     rows = []
     for name, results in runs.items():
@@ -827,5 +920,149 @@ def bench_recipe():
            'fast recipe <= 0.4x at val <= 1.89)', 'median ms/iter', 'whole run s', 'final val loss'], rows)
 
 
+# -----------------------------------------------------------------------------
+# serve: streaming clients against serve.py and transformers serve, one server up at a time
+
+SERVE_PROMPTS = ["The meaning of life is", "Once upon a time, in a land far away,", "ROMEO:", "def main():",
+                 "The capital of France is", "In 1905, Albert Einstein published", "Dear Sir or Madam,", "Q: Why?"]
+
+
+def start_server(cmd, url, log):
+    """Start a server process; returns it once GET url answers 200 (or raises with its log's tail)."""
+    import httpx
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    log.seek(0)
+    raise SystemExit(f"error: {' '.join(cmd)} did not start:\n{log.read()[-2000:]}")
+
+
+def stop_server(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def stream_one(client, url, model_name, prompt):
+    """One streamed completion: (send time, [arrival time of each text chunk], completion tokens)."""
+    import json
+    body = {'model': model_name, 'prompt': prompt, 'max_tokens': serve_tokens, 'temperature': 1.0, 'stream': True,
+            'stream_options': {'include_usage': True}}
+    t0, arrivals, tokens = time.perf_counter(), [], None
+    async with client.stream('POST', f"{url}/v1/completions", json=body) as r:
+        assert r.status_code == 200, (await r.aread())[:300]
+        async for line in r.aiter_lines():
+            if not line.startswith('data: {'):
+                continue
+            chunk = json.loads(line[6:])
+            if any(c.get('text') for c in chunk.get('choices') or []):
+                arrivals.append(time.perf_counter())
+            if chunk.get('usage'):
+                tokens = chunk['usage']['completion_tokens']
+    return t0, arrivals, tokens if tokens is not None else len(arrivals)
+
+
+def drive(url, model_name, clients):
+    """`clients` concurrent clients, each sending its requests one after another: tokens/s over the whole run,
+    time to first token per request, gaps between streamed chunks."""
+    import asyncio
+    import httpx
+    per_client = serve_requests if clients > 1 else 2 * serve_requests
+
+    async def client_loop(client, c):
+        return [await stream_one(client, url, model_name, SERVE_PROMPTS[(c + i) % len(SERVE_PROMPTS)])
+                for i in range(per_client)]
+
+    async def run():
+        limits = httpx.Limits(max_connections=clients + 4)
+        async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(client_loop(client, c) for c in range(clients)))
+            return t0, time.perf_counter(), [r for rs in results for r in rs]
+
+    t0, t1, results = asyncio.run(run())
+    ttft = [a[0] - s for s, a, _ in results if a]
+    gaps = [b - a for _, arr, _ in results for a, b in zip(arr, arr[1:])]
+    return {'tokens_s': sum(n for _, _, n in results) / (t1 - t0), 'ttft': ttft, 'itl': gaps,
+            'tokens': sum(n for _, _, n in results)}
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float('nan')
+
+
+def bench_serve():
+    import tempfile
+    from pathlib import Path
+    from tokenizer import hf_tokenizer_files, load_tokenizer
+    repo = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = os.path.join(tmp, 'gpt2-random')
+        GPT(make_config()).save_pretrained(ckpt)  # random weights: sampled text rarely ends early
+        for name, text in hf_tokenizer_files(load_tokenizer({'tokenizer': 'gpt2'}), model_max_length=1024).items():
+            Path(ckpt, name).write_text(text)
+        ports = {}
+        for name in ('ours', 'ours+', 'hf'):
+            import socket
+            with socket.socket() as sock:
+                sock.bind(('127.0.0.1', 0))
+                ports[name] = sock.getsockname()[1]
+        contenders = {
+            'serve.py': ([sys.executable, os.path.join(repo, 'serve.py'), f'--init_from={ckpt}', '--model_name=gpt2',
+                          f'--port={ports["ours"]}', f'--trace_file={tmp}/trace.jsonl'], ports['ours'], 'gpt2'),
+            'transformers serve --continuous-batching': (
+                [os.path.join(os.path.dirname(sys.executable), 'transformers'), 'serve', ckpt, '--continuous-batching',
+                 '--device', 'cpu', '--port', str(ports['hf'])], ports['hf'], ckpt),
+        }
+        if serve_args:
+            contenders[f'serve.py {serve_args}'] = (
+                [*contenders['serve.py'][0][:-2], f'--port={ports["ours+"]}', f'--trace_file={tmp}/trace2.jsonl',
+                 *serve_args.split()], ports['ours+'], 'gpt2')
+        load_before = os.getloadavg()[0]
+        results = {(name, c): [] for name in contenders for c in serve_clients}
+        for r in range(serve_rounds):
+            for name in (list(contenders) if r % 2 == 0 else list(reversed(contenders))):
+                cmd, port, model_name = contenders[name]
+                url = f"http://127.0.0.1:{port}"
+                with open(os.path.join(tmp, f'log-{port}.txt'), 'w+') as log:
+                    proc = start_server(cmd, f"{url}/health", log)
+                    try:
+                        drive(url, model_name, 2)  # warm up: the first requests pay one-time costs
+                        for c in serve_clients:
+                            results[(name, c)].append(drive(url, model_name, c))
+                    finally:
+                        stop_server(proc)
+    header("serving GPT-2 124M (random weights, fp32): serve.py vs transformers serve, side by side")
+    print(f"each client streams /v1/completions requests of max_tokens {serve_tokens} (temperature 1), "
+          f"{serve_requests} per client one after another ({2 * serve_requests} for 1 client); one server up at a "
+          f"time, {serve_rounds} round(s) alternating; tokens/s: completion tokens (usage) over the run's wall time, "
+          f"median of rounds; TTFT and inter-chunk latency over every request of every round; load average "
+          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n")
+    base = 'transformers serve --continuous-batching'
+    rows = []
+    for c in serve_clients:
+        ref = med([x['tokens_s'] for x in results[(base, c)]])
+        for name in contenders:
+            xs = results[(name, c)]
+            ttft = [t for x in xs for t in x['ttft']]
+            itl = [t for x in xs for t in x['itl']]
+            rows.append([c, name, f"{med([x['tokens_s'] for x in xs]) / ref:.2f}x",
+                         ' / '.join(f"{x['tokens_s']:.1f}" for x in xs), f"{pct(ttft, 50):.2f}",
+                         f"{pct(ttft, 95):.2f}", f"{pct(itl, 50) * 1e3:.0f}"])
+    table(['clients', 'server', 'tokens/s vs transformers serve (target >= 2x at 8 and 32)', 'tokens/s (rounds)',
+           'TTFT p50 s', 'TTFT p95 s', 'inter-chunk p50 ms'], rows)
+
+
 {'train': bench_train, 'sliding': bench_sliding, 'moe': bench_moe, 'decode': bench_decode,
- 'kvmemory': bench_kvmemory, 'eval': bench_eval, 'recipe': bench_recipe}[mode]()
+ 'kvmemory': bench_kvmemory, 'eval': bench_eval, 'recipe': bench_recipe, 'serve': bench_serve}[mode]()

@@ -40,7 +40,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import devices
-import fsdp
 import lossplot
 import ops
 from configurator import apply_overrides
@@ -173,8 +172,10 @@ if optimizer not in ('adamw', 'muon'):
     fail(f"optimizer {optimizer!r} is not one of adamw, muon")
 if parallel not in ('ddp', 'fsdp'):
     fail(f"parallel {parallel!r} is not one of ddp, fsdp")
-if parallel == 'fsdp' and fsdp.unsupported(optimizer, ptdtype):
-    fail(fsdp.unsupported(optimizer, ptdtype))
+if parallel == 'fsdp':
+    import fsdp  # FSDP and torch.distributed.checkpoint: a second of imports that other runs do without
+    if fsdp.unsupported(optimizer, ptdtype):
+        fail(fsdp.unsupported(optimizer, ptdtype))
 if eval_tasks and master_process and not estimate_only:  # before training: a typo must not cost the run's end
     try:
         check_tasks([t.strip() for t in eval_tasks.split(',') if t.strip()], eval_include_path)
@@ -304,6 +305,24 @@ devices.peak_flops(device, ptdtype)  # for MFU: measured (and cached) now on CPU
 # evaluation, learning rate, logging, checkpoints
 
 
+EVAL_TOKENS = 2**14  # estimate_loss: the most tokens one forward takes when it evaluates several micro-batches
+
+
+def eval_group(n_batches):
+    """How many of n_batches eval micro-batches one forward takes. A flat token stream's micro-batches all hold
+    batch_size * block_size targets, so the mean loss of several evaluated together is the mean of their means, and
+    small micro-batches go much faster together (fewer, larger matmuls; nanoGPT's CPU recipe evaluates 20 of 768
+    tokens: 1 forward instead of 20). At most EVAL_TOKENS tokens (no-grad: one layer's activations at a time) and
+    32 MB of logits (more only as one micro-batch's, as before); the largest divisor of n_batches, so that every
+    forward has one shape (one compiled graph). Chat data (masked targets: micro-batches count differently) and FSDP
+    (every process runs as many forwards, the last batch repeated) take one at a time."""
+    tokens = batch_size * block_size
+    if sft or sharded:
+        return 1
+    most = min(EVAL_TOKENS // tokens, 2**25 // (4 * tokens * raw_model.config.vocab_size), n_batches)
+    return max(g for g in range(1, max(1, most) + 1) if n_batches % g == 0)
+
+
 @torch.no_grad()
 def estimate_loss():
     """Mean loss over the same eval_iters batches per split at every eval (fixed seeds: comparable across evals,
@@ -313,14 +332,15 @@ def estimate_loss():
     # FSDP: every process runs as many forwards (each gathers weights); an uneven split repeats the last batch
     end = -(-eval_iters // world_size) * world_size if sharded else eval_iters
     rows = [min(r, eval_iters - 1) for r in range(rank, end, world_size)]
+    group = eval_group(len(rows))
     for split_id, split in enumerate(['train', 'val']):
         X, Y = get_batch(split, (seed, 1 + split_id), eval_iters, rows)
         total = torch.zeros((), device=device)
-        for k in range(X.size(0)):
+        for k in range(0, X.size(0), group):
             with ctx:
-                _, loss = eval_model(X[k], Y[k], return_logits=False)
+                _, loss = eval_model(X[k:k + group].flatten(0, 1), Y[k:k + group].flatten(0, 1), return_logits=False)
             if rank + k * world_size < eval_iters:
-                total += loss.float()
+                total += loss.float() * group
         if ddp:
             dist.all_reduce(total)
         out[split] = total.item() / eval_iters
@@ -345,20 +365,29 @@ def get_lr(it):
 history_path = os.path.join(out_dir, 'history.jsonl')  # one JSON object per log line and per eval
 plot_path = os.path.join(out_dir, 'loss.png')
 plotter = None  # the child process drawing loss.png
+plot_time = time.time()  # when the last drawing started: the first comes a minute into the run (one point is no curve)
+plot_behind = False  # history.jsonl has evals that loss.png does not show yet
+PLOT_SECONDS = 60  # loss.png is redrawn after an eval at most this often, and at the end of the run
 
 
 def log_record(record):
     history_file.write(json.dumps(record) + '\n')
 
 
-def plot_losses():
+def plot_losses(last=False):
     """loss.png, drawn from history.jsonl by lossplot.py in a short-lived child process: matplotlib would add
-    ~35 MB to this one, and the child draws while training goes on."""
-    global plotter
+    ~35 MB to this one, and the child draws while training goes on. A drawing costs about a second of CPU, taken
+    from training on a small CPU, so evals draw at most once every PLOT_SECONDS; the run's end (finish: last=True)
+    draws what the last drawing did not show yet and waits for it."""
+    global plotter, plot_time, plot_behind
+    plot_behind = True
+    if not last and time.time() - plot_time < PLOT_SECONDS:
+        return
     if plotter is not None:
         plotter.wait()  # the previous drawing: they would race for loss.png
     title = os.path.basename(os.path.abspath(out_dir))
     plotter = subprocess.Popen([sys.executable, os.path.join(REPO, 'lossplot.py'), history_path, plot_path, title])
+    plot_time, plot_behind = time.time(), False
 
 
 def save_checkpoint():
@@ -415,7 +444,11 @@ if wandb_log and master_process:
         import wandb
     except ImportError:
         fail("wandb_log=True but wandb is not installed: pip install wandb (or --wandb_log=False)")
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    try:
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    except Exception as e:  # no API key (wandb login), no network: wandb's own error types
+        fail(f"wandb_log=True but wandb.init failed ({type(e).__name__}: {' '.join(str(e).split())[:200]}): run "
+             f"wandb login, or set WANDB_MODE=offline, or --wandb_log=False")
 
 stop_signal = None  # SIGTERM (a cluster's preemption notice, kill) or SIGINT (Ctrl-C) received during the run
 stop_signal_time = 0.0
@@ -468,6 +501,8 @@ def run_eval_tasks(model):
 def finish():
     if master_process:
         history_file.close()
+        if plot_behind:
+            plot_losses(last=True)
         if plotter is not None:
             plotter.wait()
         if wandb_log:
@@ -530,7 +565,8 @@ while True:
             train_model.require_backward_grad_sync = (micro_step == local_steps - 1)
         with ctx:
             _, loss = train_model(X[micro_step], Y[micro_step], return_logits=False)
-            loss = loss / local_steps  # scale the loss to account for gradient accumulation
+            if local_steps > 1:  # scale the loss to account for gradient accumulation
+                loss = loss / local_steps
         if iter_num == _nan_at:
             loss = loss * float('nan')
         step_loss += loss.detach()
@@ -540,7 +576,7 @@ while True:
     if grad_clip != 0.0:
         for opt in optimizers:
             scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+        ops.clip_grad_norm(raw_model.parameters(), grad_clip)  # torch.nn.utils.clip_grad_norm_, less work on CPU
     # step the optimizer and scaler if training in fp16
     for opt in optimizers:
         scaler.step(opt)

@@ -1,8 +1,10 @@
 """ops.py's speed-only paths against the plain computations their docstrings name: banded sliding-window attention
 and attention sinks against a masked softmax with an explicit sink logit, the experts' grouped matmul against a
 per-expert loop, the chunked head loss against F.cross_entropy on whole logits, and the CPU decoding layouts
-(decode_layout, BatchedHead) against a plain nn.Linear. float64 where the reference allows it."""
+(decode_layout, BatchedHead) against a plain nn.Linear, the int8 decode kernel (Int8Linear, quantize_int8) against the
+dequantised Linear. float64 where the reference allows it."""
 import copy
+import shutil
 
 import pytest
 import torch
@@ -122,6 +124,73 @@ def test_decode_layouts_equal_the_plain_linear():
             assert (model.lm_head(x) - expected).abs().max().item() < 1e-5
 
 
+def test_int8_weight_rounds_each_row_to_its_own_scale():
+    """int8_weight: q in [-127, 127], each row's absmax maps to +-127, every weight within half a step of q * scale;
+    a row of zeros gets scale 1 (no division by zero)."""
+    torch.manual_seed(4)
+    w = torch.randn(6, 40) * torch.tensor([1e-3, 0.02, 1.0, 30.0, 0.5, 0.0]).view(-1, 1)
+    q, scale = ops.int8_weight(w)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and q.abs().max().item() <= 127
+    assert torch.equal(q[:5].abs().amax(dim=1), torch.full((5,), 127, dtype=torch.int8))
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 * (1 + 1e-6)).all()
+    assert scale[5].item() == 1.0 and not q[5].any()
+
+
+needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                               reason="the int8 kernel is compiled by torch.compile's C++ backend: no C++ compiler")
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_equals_the_dequantised_linear(dtype):
+    """Int8Linear against F.linear on its dequantised weight (float64): the compiled kernel (1 to INT8_MAX_ROWS rows)
+    and the dequantising path (more rows), with and without a bias, square and non-square weights, 2-d and 3-d
+    inputs; float32 to float32 rounding, bf16 to bf16's."""
+    torch.manual_seed(5)
+    for n_in, n_out, bias in ((48, 80, True), (64, 64, False), (80, 37, True)):
+        linear = torch.nn.Linear(n_in, n_out, bias=bias)
+        layer = ops.Int8Linear(linear)
+        w = layer.qweight.double() * layer.scale.double()[:, None]
+        for rows in (1, 3, ops.INT8_MAX_ROWS, ops.INT8_MAX_ROWS + 1, 40):
+            x = torch.randn(rows, n_in).to(dtype)
+            expected = F.linear(x.double(), w, linear.bias.double() if bias else None)
+            for shaped in (x, x.view(1, rows, n_in)):
+                y = layer(shaped)
+                assert y.dtype == dtype and y.shape == (*shaped.shape[:-1], n_out)
+                error = (y.double().view(rows, n_out) - expected).abs().max().item()
+                assert error < (1e-5 if dtype == torch.float32 else 0.02) * expected.abs().max().item()
+
+
+@needs_cxx
+def test_quantize_int8_decodes_as_the_dequantised_model():
+    """quantize_int8 on a small GPT-2 (tied head, biases): every Linear becomes an Int8Linear (the embedding stays
+    float), and prompt + KV-cache decode steps give the logits of the same model with each Linear's weight replaced
+    by its dequantised int8 values; generate runs on it (the KV cache takes the float dtype from the head)."""
+    import engine
+    torch.manual_seed(6)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=300)).eval()
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in list(reference.modules()):
+            if isinstance(m, torch.nn.Linear):
+                q, scale = ops.int8_weight(m.weight)
+                m.weight = torch.nn.Parameter(q.float() * scale[:, None])  # unties the head: the embedding stays
+    ops.quantize_int8(model)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert isinstance(model.lm_head, ops.Int8Linear) and model.transformer.wte.weight.dtype == torch.float32
+    with torch.no_grad():
+        logits = []
+        for net in (reference, model):
+            cache = engine.KVCache(net, 1, 16)
+            steps = [engine.prefill(net, cache, [[5, 6, 7]], need=8)]
+            for token in (8, 9, 10, 11):
+                steps.append(engine.decode_one_token(net, cache, [token]))
+            logits.append(torch.cat(steps))
+    assert (logits[0] - logits[1]).abs().max().item() < 1e-4
+    out = model.generate(torch.tensor([[5, 6, 7]]), 5, temperature=0)
+    assert out.shape == (1, 8)
+
+
 def test_muon_equals_torch_muon_and_orthogonalises_in_float32_where_bf16_is_slow(monkeypatch):
     """ops.Muon against torch.optim.Muon over 5 steps (Nesterov momentum, weight decay, match_rms_adamw lr, a tall
     and a wide matrix): exactly equal with the orthogonalisation in bfloat16 (torch's), within bf16 rounding of it in
@@ -149,3 +218,48 @@ def test_muon_equals_torch_muon_and_orthogonalises_in_float32_where_bf16_is_slow
         assert (b - r).abs().max().item() < 0.05 * m  # the updates agree to bf16's precision
     torch_opt.load_state_dict(ours.state_dict())
     ours.load_state_dict(torch_opt.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_muon_orthogonalises_same_shaped_matrices_together_as_one_at_a_time(monkeypatch, dtype):
+    """ops.Muon orthogonalises the matrices of one shape as one stack (batched matmuls): each comes out as it does
+    stepped alone (a stack of one, which in bf16 is torch.optim.Muon's: above), within rounding (a batched product
+    may add in another order); the momentum state is the same."""
+    monkeypatch.setattr(ops, "newton_schulz_dtype", lambda device_type: dtype)
+    torch.manual_seed(5)
+    start = [torch.randn(48, 16) for _ in range(3)] + [torch.randn(16, 64) for _ in range(2)] + [torch.randn(16, 16)]
+    grads = [[torch.randn_like(w) for w in start] for _ in range(4)]
+
+    def run(together):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opts = [ops.Muon(ps, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+                for ps in ([params] if together else [[p] for p in params])]
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            for opt in opts:
+                opt.step()
+        return params, [opt.state[p]["momentum_buffer"] for opt in opts for p in opt.param_groups[0]["params"]]
+    (alone, alone_momentum), (together, momentum) = run(False), run(True)
+    tolerance = 0.01 if dtype == torch.bfloat16 else 1e-4
+    for a, t, s in zip(alone, together, start):
+        assert (t - a).abs().max().item() <= tolerance * (a - s).abs().max().item()
+    assert all(torch.equal(a, t) for a, t in zip(alone_momentum, momentum))
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0, float("nan")])
+def test_clip_grad_norm_equals_torch(scale):
+    """ops.clip_grad_norm against torch.nn.utils.clip_grad_norm_: the same norm and the same gradients bit for bit,
+    within the limit (where it skips torch's multiply by 1), above it (clipped), and for a NaN gradient."""
+    torch.manual_seed(6)
+    grads = [torch.randn(48, 16) * scale, torch.randn(16) * scale, torch.randn(7, 5) * scale]
+    results = []
+    for clip in (torch.nn.utils.clip_grad_norm_, ops.clip_grad_norm):
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads] + [torch.nn.Parameter(torch.zeros(3))]
+        for p, g in zip(params, grads):  # the last one has no gradient
+            p.grad = g.clone()
+        results.append((clip((p for p in params), 1.0), [p.grad for p in params[:-1]]))
+    (norm, expected), (ours_norm, ours) = results
+    assert torch.equal(norm, ours_norm) or (norm.isnan() and ours_norm.isnan())
+    for e, o in zip(expected, ours):
+        assert torch.equal(e, o) or torch.equal(e.isnan(), o.isnan()) and torch.equal(e.nan_to_num(), o.nan_to_num())
