@@ -370,6 +370,7 @@ def test_push_settings_are_checked_first(case, run, tmp_path, monkeypatch, capsy
     """The same checks in process (no interpreter start): each one line, exit 2, nothing written."""
     hub = pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)  # other test modules set it for their own work
     args = [f"--out_dir={run}", f"--export_dir={tmp_path / 'hf'}", "--push_to_hub=tester/tiny"]
     if case == "no_token":
         monkeypatch.delenv("HF_TOKEN")
@@ -398,6 +399,7 @@ def test_refused_uploads_name_the_fix(case, hub, tmp_path, monkeypatch):
     public repo, a card whose license the Hub does not know: each raises, and push_failure makes one line naming
     the fix; nothing is committed."""
     hf_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(hf_hub.constants, "HF_HUB_OFFLINE", False)  # other test modules set it for their own work
     monkeypatch.setattr(hf_hub.constants, "ENDPOINT", hub.url)
     monkeypatch.setattr(hf_hub.constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
