@@ -926,7 +926,7 @@ class TraceSink:
         self.file, self.redis_url, self.max_queued = file, redis_url, max_queued
         self.queue, self.cond, self.closing = collections.deque(), threading.Condition(), False
         self.redis, self.redis_error, self.retry_at = None, None, 0.0
-        self.to_redis = self.to_file = self.diverted = self.dropped = 0
+        self.accepted = self.to_redis = self.to_file = self.diverted = self.dropped = 0
         self.thread = threading.Thread(target=self._drain, name="trace-sink", daemon=True)
         self.thread.start()
 
@@ -936,6 +936,7 @@ class TraceSink:
                 self.dropped += 1
                 return
             self.queue.append(record)
+            self.accepted += 1
             self.cond.notify()
 
     def _drain(self):
@@ -976,6 +977,7 @@ class TraceSink:
 
     def state(self):
         out = {"sink": "redis" if self.redis_url else "file", "file": str(self.file.path), "queued": len(self.queue),
+               "pending": self.accepted - self.to_file - self.to_redis,  # queued, or being written now
                "written_file": self.to_file, "dropped": self.dropped}
         if self.redis_url:
             out.update(redis="down" if self.redis_error else "up", redis_error=self.redis_error,

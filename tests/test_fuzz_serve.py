@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from test_serve import ENC, REPO, Server, greedy_reference, make_checkpoint, read_trace  # noqa: E402 (sets env)
+from test_serve import ENC, REPO, Server, greedy_reference, make_checkpoint, read_trace, settled  # noqa: E402
 
 import httpx  # noqa: E402
 
@@ -84,6 +84,7 @@ class Sent:
     """The generation requests sent, in order, with the status each got: the trace must have a line for each."""
 
     def __init__(self, server):
+        settled(server)  # earlier tests' lines are all written: the count below is where this test's begin
         self.trace, self.start = server.trace, len(server.trace.read_text().splitlines())
         self.statuses = []
 
@@ -366,6 +367,7 @@ def upload_then_hang_up(url, path, head_only=False, chunked=False):
 
 
 def test_client_hanging_up_during_the_upload_is_traced_as_499(server, http, greedy):
+    settled(server)
     before = len(read_trace(server.trace))
     kinds = [(path, head_only, chunked) for path in ("/v1/completions", "/v1/chat/completions")
              for head_only in (False, True) for chunked in (False, True)]

@@ -137,6 +137,14 @@ class Server:
                 self.proc.wait(timeout=10)
 
 
+def settled(server, timeout=30):
+    """Wait until the server has written every trace record it has accepted (a thread writes them just after the
+    responses), so that a count of the trace's lines taken now is not overtaken by earlier requests' lines."""
+    deadline = time.time() + timeout
+    while server.health()["traces"]["pending"] and time.time() < deadline:
+        time.sleep(0.02)
+
+
 def read_trace(path, at_least=0, timeout=10):
     """The trace's records, once it holds at least `at_least` (a background thread writes them, just after the
     response is sent)."""
@@ -731,6 +739,7 @@ def test_upstream_forwarding_then_fallback(servers, reference):
 
 
 def test_trace_has_a_line_per_request(servers, client):
+    settled(servers["main"])
     before = len(read_trace(servers["trace"]))
     client.completions.create(model="tiny", prompt="trace me", max_tokens=3)
     with pytest.raises(openai.NotFoundError):
