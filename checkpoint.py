@@ -511,6 +511,34 @@ def load_model(path, device="cpu", dtype=torch.float32, tokenizer=None):
     return model.to(device=device, dtype=dtype).eval(), meta
 
 
+QUANTIZE = ("", "int8")  # --quantize of sample.py, serve.py and eval.py: '' = off
+
+
+def quantize_error(quantize, device):
+    """Why --quantize cannot be used as given (an unknown kind; a device the int8 kernel does not run on), or None."""
+    if quantize not in QUANTIZE:
+        return f"--quantize must be 'int8' or '' (off), got {quantize!r}"
+    if quantize and torch.device(device).type != "cpu":
+        return (f"--quantize=int8 is for decoding on CPU (its kernel is a CPU one), not {device}: use --device=cpu, "
+                f"or leave --quantize off (bfloat16 is the default on GPUs)")
+    return None
+
+
+def load_for_inference(path, device="cpu", dtype=torch.float32, tokenizer=None, quantize=""):
+    """load_model for sample.py, serve.py and eval.py: a LoRA run's adapters folded in once (generation at the base
+    model's speed), then quantize="int8" (quantize_error's rules) makes the weights int8 (ops.quantize_int8)."""
+    model, meta = load_model(path, device, dtype, tokenizer)
+    if model.config.lora_rank:
+        model.merge_lora()
+    if quantize:
+        import ops
+        try:
+            ops.quantize_int8(model)
+        except RuntimeError as e:  # no C++ compiler for the int8 kernel
+            raise CheckpointError(str(e)) from e
+    return model, meta
+
+
 def _hf_meta(path, config):
     local_meta = Path(path) / META  # a meta.json put beside a Hugging Face model names its tokenizer
     if local_meta.is_file():

@@ -38,6 +38,7 @@ DEFAULTS = dict(
     batch_size=16,          # rows per forward (requests sharing a context pack into one row)
     device='auto',
     dtype='auto',
+    quantize='',            # 'int8': weight-only int8 (CPU), to score what sample.py / serve.py --quantize=int8 serve
     include_path='',        # a folder of task YAML files
     tokenizer='',           # override the checkpoint's tokenizer (e.g. gpt2 for a Hugging Face gemma3-compact)
     apply_chat_template=False,  # prompts in the model's chat format (its meta.json chat_format)
@@ -165,11 +166,9 @@ def make_lm_class():
     return NanoforgeLM
 
 
-def load(init_from, device, dtype, tokenizer=None):
+def load(init_from, device, dtype, tokenizer=None, quantize=''):
     """(model, tokenizer, meta) for evaluation; a LoRA run's adapters are folded into its weights."""
-    model, meta = checkpoint.load_model(init_from, device, dtype, tokenizer=tokenizer or None)
-    if model.config.lora_rank:
-        model.merge_lora()
+    model, meta = checkpoint.load_for_inference(init_from, device, dtype, tokenizer or None, quantize)
     return model, load_tokenizer(meta), meta
 
 
@@ -232,8 +231,10 @@ def main(argv):
     try:
         import_lm_eval()
         device, dtype = devices.resolve(args['device'], args['dtype'])
+        if checkpoint.quantize_error(args['quantize'], device):
+            fail(checkpoint.quantize_error(args['quantize'], device))
         torch.manual_seed(args['seed'])
-        model, tok, meta = load(args['init_from'], device, dtype, args['tokenizer'])
+        model, tok, meta = load(args['init_from'], device, dtype, args['tokenizer'], args['quantize'])
         t0 = time.time()
         results = evaluate(model, tok, meta, tasks, args['limit'], args['num_fewshot'], args['batch_size'],
                            args['include_path'], args['apply_chat_template'], args['log_samples'], args['seed'])

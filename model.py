@@ -384,7 +384,7 @@ class MoE(nn.Module):
         flat_experts = top_experts.reshape(-1)
         order = flat_experts.argsort(stable=True)
         token = order // self.top_k
-        counts = torch.bincount(flat_experts, minlength=self.gate_up.size(0))
+        counts = torch.bincount(flat_experts, minlength=self.router.out_features)
         h = self.expert_matmul(x.index_select(0, token), "gate_up", counts)  # backward: index_add, not index_put
         gate, up = h.view(h.size(0), -1, 2).unbind(-1)  # interleaved columns; backward: one stack, no zero-fills
         h = clamped_swiglu(gate, up, self.limit)

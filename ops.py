@@ -134,6 +134,8 @@ def grouped_matmul(x, w, counts, bias=None):
     expert over its own rows, with the bias added inside addmm (gathering a [rows, out] bias tensor would cost as
     much memory traffic as the matmul).
     """
+    if isinstance(w, Int8Experts):  # quantize_int8's experts, their biases inside
+        return w(x, counts)
     dtype = compute_dtype(x)
     aligned = x.size(-1) % 8 == 0 and w.size(-1) % 8 == 0
     if x.is_cuda and dtype == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm"):
@@ -273,7 +275,7 @@ INT8_MAX_ROWS = 8  # rows up to which Int8Linear runs the int8 kernel (GPT-2 124
 def int8_weight(w):
     """Per-output-channel symmetric int8 of a (out, in) weight: (q, scale) with q = round(w / scale) in [-127, 127]
     (int8) and scale = the row's absmax / 127 (float32; 1 for a row of zeros), so w ~= q * scale[:, None]."""
-    w = w.detach().float()
+    w = w.detach().float().contiguous()  # q row-major whatever w's layout (an expert's w.T, decode_layout's)
     scale = w.abs().amax(dim=1) / 127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
@@ -293,59 +295,91 @@ def _int8_kernel():
     return torch.compile(_int8_rows, dynamic=True)  # one graph for every shape (and one for a single row)
 
 
+@torch.no_grad()
+def int8_matmul(x, q, scale, bias):
+    """x (M, K) by the int8 weight q (N, K) with its scales (N,) and bias (N,): up to INT8_MAX_ROWS rows on CPU the
+    compiled kernel, else F.linear on the dequantised weight (more rows amortise it; other devices lack the kernel)."""
+    if x.size(0) <= INT8_MAX_ROWS and x.device.type == "cpu":
+        # a copy, not a view of x: the compiled kernel's guards then see one kind of input (no recompiles)
+        return _int8_kernel()(x.clone(memory_format=torch.contiguous_format), q, scale, bias)
+    return F.linear(x, (q.float() * scale[:, None]).to(x.dtype), bias.to(x.dtype))
+
+
 class Int8Linear(nn.Module):
     """An nn.Linear for inference with its weight as int8 and a float32 scale per output channel (int8_weight): a
     quarter of the bytes, and reading the weights is what bounds a decode step on CPU (each token reads every one).
-    Up to INT8_MAX_ROWS rows on CPU (a decode step) run _int8_rows compiled; more rows (a prompt, scoring), and
-    other devices, use F.linear on the dequantised weight. No gradients.
+    int8_matmul: up to INT8_MAX_ROWS rows on CPU (a decode step) the compiled kernel; more rows (a prompt, scoring),
+    and other devices, F.linear on the dequantised weight. No gradients.
         reference: F.linear(x, q.float() * scale[:, None], bias), the dequantised Linear (in float32).
+    Made from a weight (out, in) and its bias (or None): Int8Linear(linear.weight, linear.bias).
     qweight, scale, bias: the int8 values, their scales, the bias (float32; zeros when the Linear had none).
     weight: a zero-element tensor of the float dtype and device the layer computes in (engine.KVCache reads
     lm_head.weight's dtype and device); the weight itself is gone."""
 
-    def __init__(self, linear):
+    def __init__(self, weight, bias=None):
         super().__init__()
-        q, scale = int8_weight(linear.weight)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros(self.out_features)
+        q, scale = int8_weight(weight)
+        self.out_features, self.in_features = q.shape
+        bias = bias.detach().float() if bias is not None else torch.zeros(self.out_features, device=q.device)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
-        self.register_buffer("bias", bias.to(q.device))
-        self.register_buffer("weight", torch.empty(0, dtype=linear.weight.dtype, device=q.device), persistent=False)
+        self.register_buffer("bias", bias)
+        self.register_buffer("weight", torch.empty(0, dtype=weight.dtype, device=q.device), persistent=False)
         self.lora_A = None  # GPT.chunked_head_loss asks the head whether it has an adapter
 
     def forward(self, x):
-        flat = x.reshape(-1, self.in_features)
-        with torch.no_grad():
-            if flat.size(0) <= INT8_MAX_ROWS and flat.device.type == "cpu":
-                # a copy, not a view of x: the compiled kernel's guards then see one kind of input (no recompiles)
-                y = _int8_kernel()(flat.clone(), self.qweight, self.scale, self.bias)
-            else:
-                w = (self.qweight.float() * self.scale[:, None]).to(x.dtype)
-                y = F.linear(flat, w, self.bias.to(x.dtype))
+        y = int8_matmul(x.reshape(-1, self.in_features), self.qweight, self.scale, self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per output channel"
 
 
+class Int8Experts(nn.Module):
+    """A mixture of experts' stacked weight (E, in, out), x @ W layout, and its biases (E, out) or None, as one
+    Int8Linear per expert (separate tensors: the compiled kernel sees no views, one graph for all). grouped_matmul
+    calls it with the rows grouped by expert; experts without rows cost nothing.
+        reference: grouped_matmul(x, stacked, counts, bias) with each stacked[e].T rounded as Int8Linear's weight"""
+
+    def __init__(self, stacked, bias=None):
+        super().__init__()
+        biases = [None] * len(stacked) if bias is None else bias
+        self.experts = nn.ModuleList(Int8Linear(w.T, b) for w, b in zip(stacked, biases))
+        self.out_features = stacked.size(-1)
+
+    def forward(self, x, counts):
+        groups = x.split(counts.tolist())
+        ys = [self.experts[e](g) for e, g in enumerate(groups) if g.size(0)]
+        return torch.cat(ys) if ys else x.new_zeros(0, self.out_features)
+
+
 @torch.no_grad()
 def quantize_int8(model):
     """Weight-only int8 for decoding on CPU, in place: every nn.Linear of the model (the vocabulary head included,
-    LoRA adapters merged first) becomes an Int8Linear. GPT-2 124M, batch 1, one thread: ~2x the tokens/s of
-    float32. Lossy (per-channel rounding: about +0.01% held-out perplexity on a small trained GPT-2) and for
-    inference only: save checkpoints from the float model. A tied embedding stays float for the token lookup (the
-    head gets its own int8 copy); MoE experts (not nn.Linear) stay float. The kernel is compiled here, on a small
+    LoRA adapters merged first) becomes an Int8Linear, and MoE experts Int8Experts (the tiny routers stay float: a
+    rounding that flips a routing choice changes a whole expert's output). GPT-2 124M, batch 1, one
+    thread: ~2x the tokens/s of float32. Lossy (per-channel rounding: about +0.01% held-out perplexity on a small
+    trained GPT-2) and for inference only: save checkpoints from the float model. A tied embedding stays float for
+    the token lookup (the head gets its own int8 copy). The kernel is compiled here, on a small
     layer, so a missing C++ compiler fails now rather than at the first token (~10 s, then torch's compile cache).
     Returns the model."""
     for module in list(model.modules()):
+        moe = isinstance(getattr(module, "gate_up", None), nn.Parameter)  # model.MoE
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) and not (moe and name == "router"):  # rounded, it would route elsewhere
                 if getattr(child, "lora_A", None) is not None:
                     child.merge_lora()
-                setattr(module, name, Int8Linear(child))
+                setattr(module, name, Int8Linear(child.weight, child.bias))
+        if moe:  # its stacked experts
+            if len(module.lora):
+                module.merge_lora()
+            for name in ("gate_up", "down"):
+                experts = Int8Experts(getattr(module, name).detach(), getattr(module, name + "_bias"))
+                delattr(module, name)  # a parameter's name takes only a parameter
+                setattr(module, name, experts)
+                setattr(module, name + "_bias", None)  # inside the experts now
     if any(m.qweight.device.type == "cpu" for m in model.modules() if isinstance(m, Int8Linear)):
-        probe = Int8Linear(nn.Linear(48, 80))  # in != out: the graph is not specialised to square weights
+        probe = Int8Linear(torch.randn(80, 48))  # in != out: the graph is not specialised to square weights
         try:
             for rows in (1, 2):  # one row is a graph of its own (torch.compile specialises sizes 0 and 1)
                 probe(torch.zeros(rows, 48))

@@ -119,3 +119,29 @@ def trained_char(tmp_path_factory, shakespeare_char):
                         "--max_iters=200", "--lr_decay_iters=200", "--eval_interval=100", "--log_interval=10")
     assert result.returncode == 0, result.stderr
     return out, result
+
+
+def int8_rounded(model):
+    """The reference for weight-only int8 (ops.quantize_int8), in place: every weight matrix replaced by its int8
+    values times their per-output-channel scale, computed here from the rule (scale = the channel's absmax / 127,
+    q = round(w / scale)), as plain float weights. nn.Linear (out, in) and transformers' Conv1D (in, out) weights,
+    and stacked expert weights (E, in, out; ours gate_up/down, transformers' gate_up_proj/down_proj). A tied head
+    is untied (its embedding stays float, as quantize_int8 leaves it); our MoE routers stay float, as there."""
+    import torch
+
+    def rounded(w):  # (out, in): a scale per row
+        scale = w.abs().amax(dim=1, keepdim=True) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return torch.round(w / scale).clamp(-127, 127) * scale
+
+    with torch.no_grad():
+        for path, m in list(model.named_modules()):
+            if isinstance(m, torch.nn.Linear) and not path.endswith("mlp.router"):
+                m.weight = torch.nn.Parameter(rounded(m.weight.float()).to(m.weight.dtype))
+            elif type(m).__name__ == "Conv1D":
+                m.weight = torch.nn.Parameter(rounded(m.weight.float().T).T.contiguous().to(m.weight.dtype))
+            for name, p in list(m.named_parameters(recurse=False)):
+                if p.dim() == 3 and name in ("gate_up", "down", "gate_up_proj", "down_proj"):
+                    experts = torch.stack([rounded(w.float().T).T for w in p])
+                    setattr(m, name, torch.nn.Parameter(experts.to(p.dtype)))
+    return model

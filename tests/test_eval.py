@@ -147,11 +147,25 @@ def test_eval_of_a_lora_run_matches_the_hf_backend_on_its_merged_export(tiny_gpt
     assert_same_samples(theirs["samples"], samples)
 
 
+def test_eval_quantize_int8_matches_the_hf_backend_on_int8_rounded_weights(tiny_gpt2, tasks, tmp_path, shared_dir):
+    """eval.py --quantize=int8 scores as the hf backend does on the same model with every weight matrix rounded
+    to int8 by the rule (conftest's int8_rounded), saved as a float Hugging Face model."""
+    from transformers import GPT2LMHeadModel
+    from conftest import int8_rounded
+    rounded = tmp_path / "rounded"
+    int8_rounded(GPT2LMHeadModel.from_pretrained(tiny_gpt2)).save_pretrained(rounded)
+    gpt2_hf_tokenizer(shared_dir).save_pretrained(rounded)
+    theirs = hf_backend(rounded, tasks)
+    _, samples = ours(tiny_gpt2, tasks, tmp_path, "--quantize=int8")
+    assert_same_samples(theirs["samples"], samples)
+
+
 def test_eval_errors_are_one_line(tiny_gpt2, tasks, tmp_path):
     for args, message in [(["--tasks=no_such_task"], "unknown lm-eval task"),
                           (["--tasks="], "name the tasks"),
                           (["--tasks=nf_choice", "--init_from=/nonexistent/dir"], "init_from"),
-                          (["--tasks=nf_choice", "--device=cuda:7"], "not available")]:
+                          (["--tasks=nf_choice", "--device=cuda:7"], "not available"),
+                          (["--tasks=nf_choice", "--quantize=int4"], "--quantize")]:
         result = run_script("eval.py", f"--init_from={tiny_gpt2}", f"--include_path={tasks[0]}",
                             f"--out_dir={tmp_path}", *args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-2000:])

@@ -483,6 +483,8 @@ def bad_flags(tmp, ckpt):
         cases[(*base, f"--log_level={v}")] = "--log_level"
     for v in ("float8", "", "int8"):
         cases[(*base, f"--dtype={v}")] = "--dtype"
+    for v in ("int4", "INT8", "int8 ", "fp8"):
+        cases[(*base, f"--quantize={v}")] = "--quantize"
     for v in ("", " ", "a b", "ключ", "tab\tkey", "\x7f"):
         cases[(*base, f"--api_key={v}")] = "--api_key"
     for v in ("", "ftp://host/v1", "http://", "localhost:8000", "http://host:99999/v1", "http://host:x/v1", "//h/v1"):

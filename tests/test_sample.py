@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import REPO, int8_rounded, run_script
 from model import GPT
 import checkpoint
 from tokenizer import load_tokenizer, make_meta, render_prompt
@@ -101,7 +101,8 @@ def test_start_from_file(trained_char, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [([], "no checkpoint"), (["--chat_format=chatml"], "chat_format"),
-                                           (["--start=FILE:/no/such/file"], "/no/such/file")])
+                                           (["--start=FILE:/no/such/file"], "/no/such/file"),
+                                           (["--quantize=int4"], "--quantize"), (["--quantize=INT8"], "--quantize")])
 def test_sample_errors_are_one_line(tmp_path, trained_char, args, message):
     out = trained_char[0] if args else tmp_path / "nothing"
     result = run_script("sample.py", f"--out_dir={out}", "--device=cpu", *args)
@@ -185,6 +186,25 @@ def test_hugging_face_directory_and_out_dir_match_transformers(family, family_di
     [(reply, prompt_tokens, new_tokens)], _ = replies(stdout)
     assert reply.startswith("interactive:") and reply.split("\n", 1)[1] == expected
     assert (prompt_tokens, new_tokens) == (len(ids), 16)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_oss"])
+def test_quantize_int8_matches_transformers_on_int8_rounded_weights(family, family_dirs):
+    """--quantize=int8 (GPT-2 from its Hugging Face directory; GPT-OSS, experts included, from an out_dir): the
+    greedy text transformers generates when every weight matrix is rounded to int8 by the rule (int8_rounded),
+    with --compile=True accepted (the int8 kernel is compiled on its own: a note, not an error)."""
+    import copy
+    model, tok, hf_dir, out = family_dirs(family)
+    start = "The answer to life"
+    ids = tok.encode(start)
+    expected = universal(tok.decode(reference(int8_rounded(copy.deepcopy(model)), ids, 16)))
+    source = f"--init_from={hf_dir}" if family == "gpt2" else f"--out_dir={out}"
+    result = run_script("sample.py", source, "--device=cpu", "--threads=1", "--num_samples=1", "--max_new_tokens=16",
+                        f"--start={start}", "--temperature=0", "--quantize=int8", "--compile=True")
+    assert result.returncode == 0, result.stderr
+    assert "--compile skipped with --quantize=int8" in result.stderr
+    texts, counts = split_samples(result.stdout)
+    assert texts == [start + expected] and counts == [(len(ids), 16)]
 
 
 def test_gemma_directory_needs_a_tokenizer(family_dirs):

@@ -74,9 +74,10 @@ def make_gemma_checkpoint(path, seed=0):
     return path
 
 
-def greedy_reference(path):
-    """Greedy continuations from the model's own single-prompt generator, ending at <|endoftext|>."""
-    model = GPT.from_pretrained(str(path)).eval()
+def greedy_reference(path, model=None):
+    """Greedy continuations from the model's own single-prompt generator, ending at <|endoftext|> (of the model
+    in path, or of `model`)."""
+    model = model or GPT.from_pretrained(str(path)).eval()
 
     def greedy(ids, n):
         out = []
@@ -697,6 +698,33 @@ def test_16_concurrent_streams_match_their_solo_answers(servers, reference):
     assert not errors, errors
     for (prompt, n), got in zip(jobs, results):
         assert got == ENC.decode(reference(ENC.encode(prompt), n))
+
+
+def test_quantize_int8_answers_as_the_int8_rounded_model(ckpt, tmp_path):
+    """serve.py --quantize=int8: 12 concurrent greedy streams (batches from 1 row, the int8 kernel, to 12, which
+    dequantise) give the text the model's own generator gives with its weights rounded to int8 by the rule."""
+    from conftest import int8_rounded
+    reference = greedy_reference(None, int8_rounded(GPT.from_pretrained(str(ckpt)).eval()))
+    server = Server(f"--init_from={ckpt}", "--model_name=q", "--quantize=int8", f"--trace_file={tmp_path / 't.jsonl'}")
+    try:
+        client = server.wait_ready().client()
+        jobs = [(PROMPTS[i % len(PROMPTS)] + "!" * (i // len(PROMPTS)), 6 + i) for i in range(12)]
+        results = [None] * len(jobs)
+
+        def run(i):
+            stream = client.completions.create(model="q", prompt=jobs[i][0], max_tokens=jobs[i][1], temperature=0,
+                                               stream=True)
+            results[i] = "".join(c.choices[0].text for c in stream)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        for (prompt, n), got in zip(jobs, results):
+            assert got == ENC.decode(reference(ENC.encode(prompt), n)), prompt
+    finally:
+        server.stop()
 
 
 # ----------------------------------------------------------------------------------------------------------------
