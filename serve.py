@@ -90,8 +90,9 @@ max_tokens gets 16 tokens (as OpenAI's), a chat reply up to --default_max_tokens
 - Every flag is checked at startup (ranges, choices, a chat format the tokenizer cannot render, a trace file it
   must not write, an address it cannot bind): one line `error: ...` naming the flag, exit 2, before the server
   listens. A model whose tokenizer cannot render its default chat format serves completions only (chat: 404).
-- On CPU the model gets one thread fewer than there are cores (--threads), so the HTTP side keeps a core:
-  oversubscribed, torch's parallel ops stall at their barriers and run several times slower.
+- On CPU the model gets one thread fewer than there are cores (--threads) for small steps, so the HTTP side keeps a
+  core (oversubscribed, torch's parallel ops stall at their barriers); steps of more than MANY_ROWS rows (a big
+  batch, a prefill) take every core, which their matmuls need more.
 - --quantize=int8 (CPU): weight-only int8 (ops.quantize_int8), a quarter of the weight bytes each decode step reads:
   ~2x the tokens/s of float32 while up to 8 requests run; beyond 8 rows a step dequantises (slower than float32).
 
@@ -202,14 +203,18 @@ def deliver(events):
                 req.cancelled = True
 
 
+MANY_ROWS = 16  # rows (decoding rows + prompt tokens) in a step from which it runs on every core (Batcher)
+
+
 class Batcher:
     """Continuous batching over an engine.KVCache. Each step: drop cancelled rows, admit waiting rows (echoed
     prompts first, scored in one engine.score pass when they asked for log-probabilities; then one prefill forward
     for all that generate, their first tokens sampled from it), then one decode forward for every active row. A
     row leaves the batch as soon as it finishes, and its slot is reused at the next step."""
 
-    def __init__(self, model, name="model", max_batch=64, max_prefill_tokens=4096):
+    def __init__(self, model, name="model", max_batch=64, max_prefill_tokens=4096, threads=None):
         self.model, self.name = model, name
+        self.threads = threads  # (few rows, many rows): CPU threads by the size of a step (Batcher._set_threads)
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
         # the longest row (<= block_size) plus the longest remaining run (<= block_size)
         self.cache = engine.KVCache(model, rows=min(4, max_batch), width=256, max_width=2 * model.config.block_size)
@@ -247,6 +252,7 @@ class Batcher:
                 if self.stopping:
                     break
                 admit = self._take()
+            self._set_threads(len(self.active) + sum(len(r.prompt) for r in admit))
             try:
                 with torch.inference_mode():
                     self._drop_cancelled()
@@ -264,6 +270,14 @@ class Batcher:
                         self.outbox.append((row.req, Event("error", row.index, text=message)))
                 self.active, self.cache.n, self.cache.col = [], 0, 0
             self._flush()
+
+    def _set_threads(self, rows):
+        """A step of few rows (decoding a small batch) runs fastest on one thread fewer than the cores, which keeps a
+        core for the HTTP side; past MANY_ROWS rows (a big batch, a prefill) the matmuls need every core."""
+        if self.threads:
+            wanted = self.threads[rows > MANY_ROWS]
+            if wanted != torch.get_num_threads():
+                torch.set_num_threads(wanted)
 
     def _flush(self):
         if self.outbox:
@@ -442,7 +456,7 @@ def chat_format_problem(tok, chat_format):
 
 
 def load_local_model(name, path, device, dtype, chat_format=None, tokenizer=None, max_batch=64,
-                     max_prefill_tokens=4096, quantize=""):
+                     max_prefill_tokens=4096, quantize="", threads=None):
     """A checkpoint (out_dir or Hugging Face directory / hub id, via checkpoint.load_model) with its tokenizer,
     chat format and a batcher of its own. A chat format the tokenizer cannot render is a StartupError when
     --chat_format or the checkpoint's meta.json names it; the default one (plain, gemma or harmony by family and
@@ -465,7 +479,7 @@ def load_local_model(name, path, device, dtype, chat_format=None, tokenizer=None
     chat_stop_ids = tokenizer_lib.stop_tokens(tok, chat_format) if chat_format else []
     chat_stop_strings = tokenizer_lib.stop_strings(tok, chat_format) if chat_format else []
     eot = frozenset([tok.eot_token] if tok.eot_token is not None else [])
-    batcher = Batcher(model, name, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens)
+    batcher = Batcher(model, name, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens, threads=threads)
     return LocalModel(name, _printable(path), model, tok, chat_format, batcher, eot, frozenset(chat_stop_ids),
                       list(chat_stop_strings), no_chat=no_chat)
 
@@ -1829,7 +1843,8 @@ def parse_args(argv):
     p.add_argument("--default_max_tokens", type=_int_in(1), default=256,
                    help="chat max_tokens when the request has none")
     p.add_argument("--threads", type=_int_in(0, MAX_THREADS), default=0,
-                   help="torch CPU threads; 0: one fewer than the CPU count (a core stays free for HTTP)")
+                   help="torch CPU threads; 0: one fewer than the CPU count for small steps (a core stays free "
+                        "for HTTP), all of them for steps of more than 16 rows")
     p.add_argument("--log_level", default="warning", type=str.lower,
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn's log level (info shows every request)")
@@ -1925,14 +1940,18 @@ def main(argv=None):
         fail(str(e), code=2)
     if checkpoint.quantize_error(args.quantize, device):
         fail(checkpoint.quantize_error(args.quantize, device), code=2)
-    if device == "cpu":  # the model's threads and the event loop share the cores: oversubscribed, every
-        # parallel op waits at a barrier for a thread that is not running, several times slower
-        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
+    threads = None
+    if device == "cpu":  # the model's threads and the event loop share the cores: a small batch leaves the HTTP side
+        # a core (oversubscribed, every parallel op waits at a barrier for a thread that is not running); big steps
+        # need all of them (bench.py --mode=serve: 32 clients, 1.34x the tokens/s on 2 cores than with one thread)
+        cores = os.cpu_count() or 2
+        threads = (args.threads, args.threads) if args.threads else (max(1, cores - 1), cores)
+        torch.set_num_threads(threads[0])
     models = []
     for name, path, flag in specs:
         try:
             models.append(load_local_model(name, path, device, dtype, args.chat_format, args.tokenizer,
-                                           args.max_batch, args.max_prefill_tokens, args.quantize))
+                                           args.max_batch, args.max_prefill_tokens, args.quantize, threads))
         except StartupError as e:
             fail(str(e), code=2)
         except (TokenizerError, checkpoint.CheckpointError) as e:
