@@ -258,6 +258,7 @@ class Batcher:
                     self._drop_cancelled()
                     if admit:
                         self._prefill(self._echo(admit))
+                        self._flush()  # the new rows' first tokens go out now, not after the decode step below
                     if self.active:
                         self._decode()
                 self.steps += 1
