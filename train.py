@@ -459,6 +459,10 @@ def request_stop(signum, frame):
     after the first stops at once; copies that come together (torchrun forwards the signal its workers also got
     from the terminal or the scheduler) and SIGTERMs only ask again."""
     global stop_signal, stop_signal_time
+    if os.getpid() != train_pid:  # a forked helper (lm-eval's bootstrap pool for eval_tasks) inherited this handler:
+        signal.signal(signum, signal.SIG_DFL)  # it must end as its parent's terminate() expects, or the join hangs
+        os.kill(os.getpid(), signum)
+        return
     if signum == signal.SIGINT and stop_signal == signal.SIGINT and time.time() - stop_signal_time > 1.0:
         print("interrupted again: stopping without saving", file=sys.stderr)
         sys.exit(128 + signum)
@@ -511,6 +515,7 @@ def finish():
         dist.destroy_process_group()
 
 
+train_pid = os.getpid()
 for _signum in (signal.SIGINT, signal.SIGTERM):
     signal.signal(_signum, request_stop)
 
