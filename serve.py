@@ -94,7 +94,8 @@ max_tokens gets 16 tokens (as OpenAI's), a chat reply up to --default_max_tokens
   core (oversubscribed, torch's parallel ops stall at their barriers); steps of more than MANY_ROWS rows (a big
   batch, a prefill) take every core, which their matmuls need more.
 - --quantize=int8 (CPU): weight-only int8 (ops.quantize_int8), a quarter of the weight bytes each decode step reads:
-  ~2x the tokens/s of float32 while up to 8 requests run; beyond 8 rows a step dequantises (slower than float32).
+  for one or a few clients (1 client: 2.1x float32's tokens/s; 8: about even; 32: 0.4x, since prefills and steps
+  of more than 8 rows dequantise every weight per forward; bench.py --mode=serve --serve_args=--quantize=int8).
 
 How it works, top to bottom:
 - Batcher: one background thread owns a model and runs continuous batching on the engine (engine.py: the KV
@@ -1839,8 +1840,8 @@ def parse_args(argv):
                    "grows with the rows in use, not with this)")
     p.add_argument("--max_prefill_tokens", type=_int_in(1), default=4096, help="prompt tokens admitted per step")
     p.add_argument("--quantize", default="", choices=checkpoint.QUANTIZE,
-                   help="int8: weight-only int8 on CPU, ~2x the tokens/s of float32 for up to 8 running requests "
-                        "(more rows dequantise each step: slower than float32); '' = off")
+                   help="int8: weight-only int8 on CPU, for one or a few clients (1 client: ~2x float32's "
+                        "tokens/s; prefills and steps of more than 8 rows dequantise each weight: slower); '' = off")
     p.add_argument("--default_max_tokens", type=_int_in(1), default=256,
                    help="chat max_tokens when the request has none")
     p.add_argument("--threads", type=_int_in(0, MAX_THREADS), default=0,
