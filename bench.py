@@ -94,6 +94,7 @@ serve_tokens = 64       # max_tokens of each request
 serve_requests = 2      # requests per client (sent one after another); the 1-client case sends 4
 serve_rounds = 2        # rounds per contender, alternating which server goes first
 serve_args = ''         # extra serve.py flags for a third contender, e.g. "--threads=2" ('' = none)
+serve_long = 900        # tokens of the long prompt sent while 8 clients stream (chunked prefill); 0 = skip
 # eval mode
 eval_docs = 24          # documents per task shape (a multiple-choice one: 4 endings each; a single-continuation one)
 eval_batch = 16         # rows per forward for both contenders
@@ -960,10 +961,11 @@ def stop_server(proc):
         proc.wait()
 
 
-async def stream_one(client, url, model_name, prompt):
+async def stream_one(client, url, model_name, prompt, max_tokens=None):
     """One streamed completion: (send time, [arrival time of each text chunk], completion tokens)."""
     import json
-    body = {'model': model_name, 'prompt': prompt, 'max_tokens': serve_tokens, 'temperature': 1.0, 'stream': True,
+    body = {'model': model_name, 'prompt': prompt, 'max_tokens': max_tokens or serve_tokens, 'temperature': 1.0,
+            'stream': True,
             'stream_options': {'include_usage': True}}
     t0, arrivals, tokens = time.perf_counter(), [], None
     async with client.stream('POST', f"{url}/v1/completions", json=body) as r:
@@ -1004,6 +1006,30 @@ def drive(url, model_name, clients):
             'tokens': sum(n for _, _, n in results)}
 
 
+def drive_long_prompt(url, model_name, clients, prompt):
+    """`clients` streaming clients as in drive(), and one request with a long prompt sent a second in: its time to
+    first token, and the gaps the running streams saw (a prefill that stalls them shows as their longest gap)."""
+    import asyncio
+    import httpx
+
+    async def client_loop(client, c):
+        return [await stream_one(client, url, model_name, SERVE_PROMPTS[(c + i) % len(SERVE_PROMPTS)])
+                for i in range(serve_requests)]
+
+    async def long_one(client):
+        await asyncio.sleep(1.0)
+        return await stream_one(client, url, model_name, prompt, max_tokens=16)
+
+    async def run():
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4),
+                                     trust_env=False) as client:
+            return await asyncio.gather(long_one(client), *(client_loop(client, c) for c in range(clients)))
+
+    (sent, arrivals, _), *streams = asyncio.run(run())
+    gaps = [b - a for results in streams for _, arr, _ in results for a, b in zip(arr, arr[1:])]
+    return {'ttft': arrivals[0] - sent if arrivals else float('nan'), 'gaps': gaps}
+
+
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float('nan')
@@ -1032,24 +1058,42 @@ def bench_serve():
                 [os.path.join(os.path.dirname(sys.executable), 'transformers'), 'serve', ckpt, '--continuous-batching',
                  '--device', 'cpu', '--port', str(ports['hf'])], ports['hf'], ckpt),
         }
+        def ours_with(flags):
+            return ([*contenders['serve.py'][0][:-2], f'--port={ports["ours+"]}', f'--trace_file={tmp}/trace2.jsonl',
+                     *flags.split()], ports['ours+'], 'gpt2')
         if serve_args:
-            contenders[f'serve.py {serve_args}'] = (
-                [*contenders['serve.py'][0][:-2], f'--port={ports["ours+"]}', f'--trace_file={tmp}/trace2.jsonl',
-                 *serve_args.split()], ports['ours+'], 'gpt2')
+            contenders[f'serve.py {serve_args}'] = ours_with(serve_args)
+        long_prompt = ' the' * serve_long  # ' the' is one GPT-2 token
+        long_contenders = {'serve.py (chunks of 512, the default)': contenders['serve.py'],
+                           'serve.py --max_prefill_tokens=4096 (whole prompt in one step)':
+                               ours_with('--max_prefill_tokens=4096'),
+                           'transformers serve --continuous-batching': contenders[
+                               'transformers serve --continuous-batching']} if serve_long else {}
+        long_results = {name: [] for name in long_contenders}
         load_before = os.getloadavg()[0]
         results = {(name, c): [] for name in contenders for c in serve_clients}
-        for r in range(serve_rounds):
-            for name in (list(contenders) if r % 2 == 0 else list(reversed(contenders))):
-                cmd, port, model_name = contenders[name]
+        def alternate(servers, r, run):  # each server started in turn (order reversed every other round), warmed up
+            for name in (list(servers) if r % 2 == 0 else list(reversed(servers))):
+                cmd, port, model_name = servers[name]
                 url = f"http://127.0.0.1:{port}"
                 with open(os.path.join(tmp, f'log-{port}.txt'), 'w+') as log:
                     proc = start_server(cmd, f"{url}/health", log)
                     try:
                         drive(url, model_name, 2)  # warm up: the first requests pay one-time costs
-                        for c in serve_clients:
-                            results[(name, c)].append(drive(url, model_name, c))
+                        run(name, url, model_name)
                     finally:
                         stop_server(proc)
+
+        def clients_runs(name, url, model_name):
+            for c in serve_clients:
+                results[(name, c)].append(drive(url, model_name, c))
+
+        def long_prompt_run(name, url, model_name):
+            long_results[name].append(drive_long_prompt(url, model_name, 8, long_prompt))
+
+        for r in range(serve_rounds):
+            alternate(contenders, r, clients_runs)
+            alternate(long_contenders, r, long_prompt_run)
     header("serving GPT-2 124M (random weights, fp32): serve.py vs transformers serve, side by side")
     print(f"each client streams /v1/completions requests of max_tokens {serve_tokens} (temperature 1), "
           f"{serve_requests} per client one after another ({2 * serve_requests} for 1 client); one server up at a "
@@ -1069,6 +1113,14 @@ def bench_serve():
                          f"{pct(ttft, 95):.2f}", f"{pct(itl, 50) * 1e3:.0f}"])
     table(['clients', 'server', 'tokens/s vs transformers serve (target >= 2x at 8 and 32)', 'tokens/s (rounds)',
            'TTFT p50 s', 'TTFT p95 s', 'inter-chunk p50 ms'], rows)
+    if long_results:
+        print(f"\na {serve_long}-token prompt (max_tokens 16) sent 1 s into 8 clients' streams, {serve_rounds} round(s) "
+              f"alternating: its time to first token, and the running streams' longest gap between chunks (the "
+              f"stall its prefill causes); load average {os.getloadavg()[0]:.1f} after\n")
+        table(['server', 'long prompt TTFT s (rounds)', "running streams' longest gap s (rounds)",
+               'inter-chunk p99 ms'],
+              [[name, ' / '.join(f"{x['ttft']:.2f}" for x in xs), ' / '.join(f"{max(x['gaps']):.2f}" for x in xs),
+                f"{pct([g for x in xs for g in x['gaps']], 99) * 1e3:.0f}"] for name, xs in long_results.items()])
 
 
 {'train': bench_train, 'sliding': bench_sliding, 'moe': bench_moe, 'decode': bench_decode,

@@ -123,6 +123,21 @@ class KVCache:
                 t[dst, :, :(self.ring if sliding else self.col)] = t[src, :, :(self.ring if sliding else self.col)]
         self.start[dst] = self.start[src]
 
+    def adopt(self, other, need):
+        """Make `other`'s one row a new active row here, its columns ending at the clock like a prefilled row's,
+        with room for `need` more tokens each (serve.py prefills a long prompt in chunks in a cache of its own)."""
+        L = other.span()
+        self.reserve(1, L, need)
+        b, shift = self.n, self.col - other.col
+        for store, theirs in ((self.k, other.k), (self.v, other.v)):
+            for t, s, sliding in zip(store, theirs, self.sliding):
+                if sliding:  # column c sits in ring slot c % ring in both: moving the columns rolls the ring
+                    t[b] = torch.roll(s[0], shift, dims=1)
+                else:
+                    t[b, :, self.col - L:self.col] = s[0, :, other.col - L:other.col]
+        self.start[b] = self.col - L
+        self.n += 1
+
     # -- one forward --------------------------------------------------------------------------------------------
 
     def begin_prefill(self, first_row, lengths):

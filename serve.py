@@ -101,7 +101,9 @@ How it works, top to bottom:
 - Batcher: one background thread owns a model and runs continuous batching on the engine (engine.py: the KV
   cache's slots, prefill, the decode step, the sampler, the stop-string streamer). Each step it admits waiting
   rows (echoed prompts sent first, scored in one engine.score pass when they asked for log-probabilities; then one
-  prefill forward for all that generate), then decodes one token for every active row at once; the events
+  prefill forward for all that generate, whole prompts up to --max_prefill_tokens in all; a longer prompt is
+  prefilled that many tokens a step in a cache of its own and then joins the batch, so the running rows keep
+  decoding meanwhile), then decodes one token for every active row at once; the events
   go back to each request's queue. Every row samples with its own settings in one batched pass; a seeded row
   draws its uniforms from its own generator, so its draws do not depend on what else is in the batch.
 - ops.BatchedHead (CPU): the output head in the matrix layout that suits the batch size.
@@ -157,6 +159,8 @@ class Row:
     produced: int = 0
     last: int = -1              # the last sampled token, fed at the next step
     done: bool = False
+    side: "engine.KVCache | None" = None  # a long prompt's own cache while it is prefilled in chunks
+    fed: int = 0                # of its prompt tokens, those prefilled so far
 
 
 @dataclass
@@ -211,15 +215,21 @@ class Batcher:
     """Continuous batching over an engine.KVCache. Each step: drop cancelled rows, admit waiting rows (echoed
     prompts first, scored in one engine.score pass when they asked for log-probabilities; then one prefill forward
     for all that generate, their first tokens sampled from it), then one decode forward for every active row. A
-    row leaves the batch as soon as it finishes, and its slot is reused at the next step."""
+    row leaves the batch as soon as it finishes, and its slot is reused at the next step.
 
-    def __init__(self, model, name="model", max_batch=64, max_prefill_tokens=4096, threads=None):
+    Chunked prefill: a step prefills whole prompts of up to max_prefill_tokens tokens in all. A longer prompt is
+    prefilled max_prefill_tokens at a time, one chunk per step, in a cache of its own (the oldest such prompt
+    first), and joins the batch (KVCache.adopt) after its last chunk; the running rows keep decoding a token every
+    step meanwhile, instead of stalling for the whole prompt's forward."""
+
+    def __init__(self, model, name="model", max_batch=64, max_prefill_tokens=512, threads=None):
         self.model, self.name = model, name
         self.threads = threads  # (few rows, many rows): CPU threads by the size of a step (Batcher._set_threads)
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
         # the longest row (<= block_size) plus the longest remaining run (<= block_size)
         self.cache = engine.KVCache(model, rows=min(4, max_batch), width=256, max_width=2 * model.config.block_size)
         self.active, self.waiting = [], collections.deque()
+        self.partial = collections.deque()  # admitted rows whose long prompts are being prefilled in chunks
         self.cond = threading.Condition()
         self.stopping = False
         self.steps = 0
@@ -240,7 +250,8 @@ class Batcher:
         self.thread.join(timeout=10)
 
     def load(self):
-        return {"active": len(self.active), "waiting": len(self.waiting), "cache_columns": self.cache.width,
+        return {"active": len(self.active), "waiting": len(self.waiting), "prefilling": len(self.partial),
+                "cache_columns": self.cache.width,
                 "cache_rows": self.cache.rows}
 
     # -- the worker ------------------------------------------------------------------------------------------
@@ -248,29 +259,37 @@ class Batcher:
     def _run(self):
         while True:
             with self.cond:
-                while not self.stopping and not self.waiting and not self.active:
+                while not self.stopping and not (self.waiting or self.active or self.partial):
                     self.cond.wait()
                 if self.stopping:
                     break
                 admit = self._take()
-            self._set_threads(len(self.active) + sum(len(r.prompt) for r in admit))
             try:
                 with torch.inference_mode():
                     self._drop_cancelled()
-                    if admit:
-                        self._prefill(self._echo(admit))
+                    rows = self._echo(admit)
+                    whole = [r for r in rows if len(r.prompt) <= self.max_prefill_tokens]
+                    self.partial.extend(r for r in rows if len(r.prompt) > self.max_prefill_tokens)
+                    self._set_threads(len(self.active) + sum(len(r.prompt) for r in whole)
+                                      + (self.max_prefill_tokens if self.partial else 0))
+                    if whole:
+                        self._prefill(whole)
                         self._flush()  # the new rows' first tokens go out now, not after the decode step below
+                    if self.partial:
+                        self._prefill_chunk()
+                        self._flush()
                     if self.active:
                         self._decode()
                 self.steps += 1
             except Exception as e:  # a failed forward fails the rows in flight, not the server
                 message = f"generation failed: {type(e).__name__}: {e}"
                 print(f"serve: {self.name}: {message}", file=sys.stderr, flush=True)
-                for row in {*self.active, *admit}:
+                for row in {*self.active, *admit, *self.partial}:
                     if not row.done:
                         row.done = True
                         self.outbox.append((row.req, Event("error", row.index, text=message)))
                 self.active, self.cache.n, self.cache.col = [], 0, 0
+                self.partial.clear()
             self._flush()
 
     def _set_threads(self, rows):
@@ -287,21 +306,26 @@ class Batcher:
             self.outbox = []
 
     def _take(self):
-        """Waiting rows that fit this step: free slots, and a budget of prefill tokens (at least one row)."""
+        """Waiting rows that fit this step, first come first served: free slots, and whole prompts of up to
+        max_prefill_tokens tokens in all; a longer prompt takes its slot now and is prefilled in chunks."""
         taken, tokens, slots = [], 0, 0
-        while self.waiting and len(self.active) + slots < self.max_batch:
+        while self.waiting and len(self.active) + len(self.partial) + slots < self.max_batch:
             row = self.waiting[0]
             if row.req.cancelled:
                 self.waiting.popleft()
                 continue
-            if taken and tokens + len(row.prompt) > self.max_prefill_tokens:
+            whole = len(row.prompt) <= self.max_prefill_tokens
+            if whole and tokens + len(row.prompt) > self.max_prefill_tokens:
                 break
             taken.append(self.waiting.popleft())
-            tokens += len(row.prompt)
+            tokens += len(row.prompt) if whole else 0
             slots += row.max_new > 0  # a row with nothing to generate (echo, max_tokens 0) takes no slot
         return taken
 
     def _drop_cancelled(self):
+        for row in [r for r in self.partial if r.req.cancelled]:
+            row.done = True
+            self.partial.remove(row)
         for i in reversed(range(len(self.active))):
             if self.active[i].req.cancelled:
                 self.active[i].done = True
@@ -349,6 +373,25 @@ class Batcher:
         logits = engine.prefill(self.model, self.cache, [r.prompt for r in rows], need)
         self.active.extend(rows)
         self._sample_and_emit(logits, list(range(first, first + len(rows))))
+
+    def _prefill_chunk(self):
+        """The next max_prefill_tokens tokens of the oldest long prompt, into its own cache; after its last chunk
+        its row joins the batch and samples its first token."""
+        row = self.partial[0]
+        chunk = row.prompt[row.fed:row.fed + self.max_prefill_tokens]
+        if row.side is None:
+            row.side = engine.KVCache(self.model, rows=1, width=len(row.prompt), max_width=self.cache.max_width)
+            logits = engine.prefill(self.model, row.side, [chunk], need=len(row.prompt) - len(chunk))
+        else:
+            logits = engine.append(self.model, row.side, torch.tensor([chunk], device=row.side.device))
+        row.fed += len(chunk)
+        if row.fed < len(row.prompt):
+            return
+        self.partial.popleft()
+        self.cache.adopt(row.side, max(r.max_new - r.produced for r in self.active + [row]))
+        row.side = None
+        self.active.append(row)
+        self._sample_and_emit(logits, [len(self.active) - 1])
 
     def _decode(self):
         logits = engine.decode_one_token(self.model, self.cache, [r.last for r in self.active])
@@ -458,7 +501,7 @@ def chat_format_problem(tok, chat_format):
 
 
 def load_local_model(name, path, device, dtype, chat_format=None, tokenizer=None, max_batch=64,
-                     max_prefill_tokens=4096, quantize="", threads=None):
+                     max_prefill_tokens=512, quantize="", threads=None):
     """A checkpoint (out_dir or Hugging Face directory / hub id, via checkpoint.load_model) with its tokenizer,
     chat format and a batcher of its own. A chat format the tokenizer cannot render is a StartupError when
     --chat_format or the checkpoint's meta.json names it; the default one (plain, gemma or harmony by family and
@@ -1838,7 +1881,9 @@ def parse_args(argv):
     p.add_argument("--max_batch", type=_int_in(1), default=64,
                    help="rows decoded together, per model (more wait, first come first served; the KV cache "
                    "grows with the rows in use, not with this)")
-    p.add_argument("--max_prefill_tokens", type=_int_in(1), default=4096, help="prompt tokens admitted per step")
+    p.add_argument("--max_prefill_tokens", type=_int_in(1), default=512,
+                   help="prompt tokens prefilled per step: whole prompts up to this many in all; a longer prompt "
+                        "is prefilled this many tokens a step while the running rows keep decoding")
     p.add_argument("--quantize", default="", choices=checkpoint.QUANTIZE,
                    help="int8: weight-only int8 on CPU, for one or a few clients (1 client: ~2x float32's "
                         "tokens/s; prefills and steps of more than 8 rows dequantise each weight: slower); '' = off")

@@ -210,6 +210,71 @@ def test_batch_equals_one_by_one_and_rows_stop_alone(family, zoo):
     assert greedy(ours, prompts, n, stop_tokens=stops) == expected(stops)
 
 
+def hf_greedy(ref_model, prompt, n):
+    idx = torch.tensor([prompt])
+    with torch.no_grad():
+        out = ref_model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def batcher_greedy(model, prompts, n, max_prefill_tokens, late):
+    """Greedy tokens of each prompt through serve.py's Batcher (its continuous batching, in-process): the prompts
+    not in `late` submitted at once, the `late` ones after the first has 3 tokens (they join a running batch)."""
+    import asyncio
+    import serve
+    batcher = serve.Batcher(model, max_prefill_tokens=max_prefill_tokens)
+
+    async def collect(req):
+        tokens = []
+        while (event := await asyncio.wait_for(req.queue.get(), 60)).kind == "text":
+            tokens += [entry[0] for entry in event.tokens]
+        assert event.kind == "done", event
+        return tokens
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        reqs = []
+        for p in prompts:
+            req = reqs.append(serve.GenRequest(loop)) or reqs[-1]
+            req.rows = [serve.Row(req, 0, p, n, 0.0, None, None, None, frozenset(), TextStream(lambda ids: ""),
+                                  logprobs=0)]
+        tasks = [None] * len(prompts)
+        for i in [i for i in range(len(prompts)) if i not in late]:
+            batcher.submit(reqs[i])
+            tasks[i] = asyncio.ensure_future(collect(reqs[i]))
+        first = min(i for i in range(len(prompts)) if i not in late)
+        while reqs[first].queue.qsize() < 3 and not tasks[first].done():
+            await asyncio.sleep(0.001)
+        for i in late:
+            batcher.submit(reqs[i])
+            tasks[i] = asyncio.ensure_future(collect(reqs[i]))
+        return await asyncio.gather(*tasks)
+    try:
+        return asyncio.run(run())
+    finally:
+        batcher.stop()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_prefill_in_the_batcher_matches_transformers(family, zoo):
+    """serve.py's Batcher prefills prompts longer than its budget in chunks (in a cache of their own, then moved
+    into the running batch) and whole prompts up to the budget: each row's greedy tokens equal transformers'
+    generate of that prompt alone. Generated cases: budgets below, at and above the sliding window, prompts
+    from 1 token to several chunks, some joining a batch that is already decoding."""
+    ref_model, ours = zoo(family)
+    rng = random.Random(family)
+    n = 12
+    for case in range(3):
+        budget = [3, WINDOW, 2 * WINDOW + 3][case]
+        lengths = [rng.randint(1, 45) for _ in range(7)] + [budget, budget + 1, 4 * budget + 1]
+        prompts = prompts_of(lengths, seed=10 + case)
+        late = set(rng.sample(range(1, len(prompts)), 4))
+        got = batcher_greedy(ours, prompts, n, budget, late)
+        for p, tokens in zip(prompts, got):
+            assert tokens == hf_greedy(ref_model, p, n), (family, budget, len(p), p in [prompts[i] for i in late])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 4. sampling is reproducible from a seed
 
