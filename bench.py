@@ -1058,6 +1058,7 @@ def bench_serve():
                 [os.path.join(os.path.dirname(sys.executable), 'transformers'), 'serve', ckpt, '--continuous-batching',
                  '--device', 'cpu', '--port', str(ports['hf'])], ports['hf'], ckpt),
         }
+
         def ours_with(flags):
             return ([*contenders['serve.py'][0][:-2], f'--port={ports["ours+"]}', f'--trace_file={tmp}/trace2.jsonl',
                      *flags.split()], ports['ours+'], 'gpt2')
@@ -1072,6 +1073,7 @@ def bench_serve():
         long_results = {name: [] for name in long_contenders}
         load_before = os.getloadavg()[0]
         results = {(name, c): [] for name in contenders for c in serve_clients}
+
         def alternate(servers, r, run):  # each server started in turn (order reversed every other round), warmed up
             for name in (list(servers) if r % 2 == 0 else list(reversed(servers))):
                 cmd, port, model_name = servers[name]

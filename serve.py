@@ -251,8 +251,7 @@ class Batcher:
 
     def load(self):
         return {"active": len(self.active), "waiting": len(self.waiting), "prefilling": len(self.partial),
-                "cache_columns": self.cache.width,
-                "cache_rows": self.cache.rows}
+                "cache_columns": self.cache.width, "cache_rows": self.cache.rows}
 
     # -- the worker ------------------------------------------------------------------------------------------
 
@@ -268,8 +267,8 @@ class Batcher:
                 with torch.inference_mode():
                     self._drop_cancelled()
                     rows = self._echo(admit)
-                    whole = [r for r in rows if len(r.prompt) <= self.max_prefill_tokens]
-                    self.partial.extend(r for r in rows if len(r.prompt) > self.max_prefill_tokens)
+                    whole = [r for r in rows if not self._chunked(r)]
+                    self.partial.extend(r for r in rows if self._chunked(r))
                     self._set_threads(len(self.active) + sum(len(r.prompt) for r in whole)
                                       + (self.max_prefill_tokens if self.partial else 0))
                     if whole:
@@ -314,13 +313,17 @@ class Batcher:
             if row.req.cancelled:
                 self.waiting.popleft()
                 continue
-            whole = len(row.prompt) <= self.max_prefill_tokens
+            whole = not self._chunked(row)
             if whole and tokens + len(row.prompt) > self.max_prefill_tokens:
                 break
             taken.append(self.waiting.popleft())
             tokens += len(row.prompt) if whole else 0
             slots += row.max_new > 0  # a row with nothing to generate (echo, max_tokens 0) takes no slot
         return taken
+
+    def _chunked(self, row):
+        """Whether the row's prompt is too long for one step's prefill (it is prefilled in chunks)."""
+        return len(row.prompt) > self.max_prefill_tokens
 
     def _drop_cancelled(self):
         for row in [r for r in self.partial if r.req.cancelled]:
